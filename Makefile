@@ -1,0 +1,39 @@
+# Set-up is part of every target: a fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+CACHE ?= $(HOME)/.cache/immiscible_jax
+WORKDIR ?= workdirs/demo
+
+.PHONY: venv test demo fid-weights bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-*; touch $@
+
+# Best effort: the Flax-vs-TorchScript Inception test needs torch and the converted weights; without them
+# it is skipped with its reason, and the rest of the suite still runs.
+fid-weights: $(STAMP)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -r requirements-fid.txt \
+		|| echo "fid-weights: torch could not be installed; Inception tests will be skipped"
+	@$(PY) -m immiscible_jax.convert_inception --cache_dir=$(CACHE) \
+		|| echo "fid-weights: conversion failed; Inception tests will be skipped"
+
+test: $(STAMP) fid-weights
+	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m immiscible_jax.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=train
+	$(PY) -m immiscible_jax.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=sample
+
+bench: $(STAMP)
+	$(PY) benchmarks/assignment.py --json benchmarks/results/assignment_cpu.json
+	$(PY) benchmarks/train_step.py --json benchmarks/results/train_step_cpu.json
+
+clean:
+	rm -rf $(VENV) workdirs
