@@ -1,4 +1,4 @@
-"""Submits the trainer to a SLURM GPU cluster: an sbatch script with one task per host, run by srun.
+r"""Submits the trainer to a SLURM GPU cluster: an sbatch script with one task per host, run by srun.
 
   python -m launch.slurm --nodes=2 --gpus_per_node=8 --time=24:00:00 [--partition=P] [--account=A] [--dry_run] \
       -- --config=configs/cifar10_ct.py --workdir=/shared/runs/ct

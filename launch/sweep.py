@@ -1,4 +1,4 @@
-"""Expands a sweep file into one workdir and one trainer command per arm, and launches the unfinished arms.
+r"""Expands a sweep file into one workdir and one trainer command per arm, and launches the unfinished arms.
 
   python -m launch.sweep --sweep=configs/sweeps/assignment_digits.py --runner=local --root=workdirs/ablation \
       [--parallel=1] [--dry_run] [runner flags, e.g. --num_processes=2] [-- extra trainer args for every arm]

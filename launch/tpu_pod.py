@@ -1,4 +1,4 @@
-"""Runs the trainer on every worker of a Cloud TPU VM slice with one `gcloud ... ssh --worker=all` line.
+r"""Runs the trainer on every worker of a Cloud TPU VM slice with one `gcloud ... ssh --worker=all` line.
 
   python -m launch.tpu_pod --tpu=NAME --zone=ZONE [--project=P] setup [--dry_run]
   python -m launch.tpu_pod --tpu=NAME --zone=ZONE [--project=P] [--dry_run] -- --config=configs/cifar10_ct.py \

@@ -1,4 +1,4 @@
-"""Ablation on CIFAR-10 at full scale, for TPU pods or GPU clusters (not run here): assignment.method in
+r"""Ablation on CIFAR-10 at full scale, for TPU pods or GPU clusters (not run here): assignment.method in
 {none, hungarian, sinkhorn, knn} x seeds {0, 1, 2} (12 arms) on the CT recipe, assignment over the global batch.
 
   python -m launch.tpu_pod --tpu=NAME --zone=ZONE setup
