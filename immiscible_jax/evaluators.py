@@ -1,0 +1,115 @@
+"""Sampling and evaluation from checkpoints (--mode=sample|eval) and the evaluator run during training.
+
+The metric is the Frechet distance between features of generated and real images: 'pixels' (weight-free, for
+digits and quick CPU runs) or 'inception' (FID with the standard TF Inception weights converted to Flax).
+Every process computes the same samples and metric (no collectives); only process 0 writes files.
+"""
+import functools
+import json
+import os
+
+import flax.jax_utils
+import jax
+import numpy as np
+
+from immiscible_jax import checkpointing
+from immiscible_jax import data
+from immiscible_jax import evaluation
+from immiscible_jax import models
+from immiscible_jax import sampling
+from immiscible_jax import train
+
+
+def metric_name(eval_config):
+  return 'eval/fid' if eval_config.metric == 'inception' else 'eval/fd_pixels'
+
+
+def _sampler(config, model, sigmas):
+  return sampling.make_sampler(model.apply, data.image_shape(config.data), sigmas,
+                               config.training.sigma_min, config.training.sigma_data)
+
+
+def _reference_stats(config, extractor):
+  d, e = config.data, config.eval
+  source = d.dataset if d.dataset != 'folder' else 'folder-' + os.path.basename(os.path.normpath(d.path))
+  key = f'{source}_{e.reference_split}_{d.image_size}px_n{e.reference_num_images}'
+  images_fn = functools.partial(data.load_images, d, e.reference_split, e.reference_num_images)
+  return evaluation.reference_statistics(extractor, images_fn, key, evaluation.default_cache_dir())
+
+
+def frechet_to_reference(config, extractor, reference, images_uint8):
+  mu, sigma = evaluation.compute_statistics(extractor(images_uint8))
+  return float(evaluation.frechet_distance(mu, sigma, *reference))
+
+
+class TrainingEvaluator:
+  """Draws eval.num_samples one-step samples from the EMA parameters and returns {metric name: value}."""
+
+  def __init__(self, config, model, workdir):
+    del workdir
+    self._config = config
+    self._sampler = _sampler(config, model, (config.training.sigma_max,))
+    self._extractor = evaluation.create_extractor(config.eval)
+    self._reference = _reference_stats(config, self._extractor)
+
+  def __call__(self, p_state, step):
+    cfg = self._config
+    key = jax.random.fold_in(jax.random.key(cfg.sampling.seed), 10_000_019)  # same noise at every eval
+    images = sampling.generate(self._sampler, p_state.ema_params, key, cfg.eval.num_samples,
+                               data.image_shape(cfg.data), cfg.eval.batch_size)
+    value = frechet_to_reference(cfg, self._extractor, self._reference, sampling.to_uint8(images))
+    return {metric_name(cfg.eval): value}
+
+
+def restore_ema_params(config, workdir, step=None):
+  """(step, EMA params) of a checkpoint, opened read-only."""
+  model = models.create_model(config.model, config.data.channels)
+  init = functools.partial(train.create_train_state, model=model, image_shape=data.image_shape(config.data),
+                           optimizer=train.create_optimizer(config.optim), recipe=config.training.recipe)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
+  restored = checkpointing.restore(manager, abstract, step=step)
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first (--mode=train)')
+  found_step, state, _ = restored
+  return found_step, state.ema_params, model
+
+
+def _generate_from_checkpoint(config, workdir, step, num_samples):
+  step, ema_params, model = restore_ema_params(config, workdir, step)
+  sampler = _sampler(config, model, tuple(config.sampling.sigmas))
+  key = jax.random.key(config.sampling.seed)
+  images = sampling.generate(sampler, flax.jax_utils.replicate(ema_params), key, num_samples,
+                             data.image_shape(config.data), config.eval.batch_size)
+  return step, sampling.to_uint8(images)
+
+
+def sample_from_checkpoint(config, workdir, step=None):
+  """Writes sampling.num_samples samples (.npz shards) and a PNG grid under workdir/samples/; returns paths."""
+  step, images = _generate_from_checkpoint(config, workdir, step, config.sampling.num_samples)
+  out_dir = os.path.join(workdir, 'samples', f'step_{step}_{len(config.sampling.sigmas)}step')
+  paths, grid_path = [], os.path.join(out_dir, 'grid.png')
+  if jax.process_index() == 0:
+    paths = sampling.save_samples(images, out_dir, config.sampling.shard_size)
+    sampling.image_grid(images[:min(len(images), 100)]).save(grid_path)
+    print(f'wrote {len(images)} samples from step {step}: {", ".join(paths)}')
+    print(f'sample grid: {grid_path}')
+  return paths, grid_path
+
+
+def evaluate(config, workdir, step=None, samples_path=None):
+  """Frechet distance of a sample set (or eval.num_samples fresh samples) to the reference statistics."""
+  if samples_path:
+    images = sampling.load_samples(samples_path)
+  else:
+    step, images = _generate_from_checkpoint(config, workdir, step, config.eval.num_samples)
+  extractor = evaluation.create_extractor(config.eval)
+  value = frechet_to_reference(config, extractor, _reference_stats(config, extractor), images)
+  result = {'step': step, metric_name(config.eval): value, 'num_samples': int(len(images)),
+            'extractor': extractor.name, 'samples': samples_path or 'fresh'}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'eval_{step if step is not None else "samples"}.json')
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=2)
+    print(json.dumps(result))
+  return result

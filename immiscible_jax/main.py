@@ -1,0 +1,59 @@
+r"""Entry point: train, sample or evaluate a consistency model from a config file.
+
+  python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=train \
+      [--config.assignment.method=hungarian ...]
+  python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=sample [--step=N]
+  python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=eval [--samples=PATH]
+
+Several hosts: set IMMISCIBLE_JAX_DISTRIBUTED=1 (the launchers in launch/ do) and every process calls
+jax.distributed.initialize(); on TPU VMs and SLURM it finds its peers itself, elsewhere it reads
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+"""
+import os
+import warnings
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+flags.DEFINE_integer('step', None, 'sample / eval: checkpoint step (default: the latest).')
+flags.DEFINE_string('samples', None, 'eval: a .npz or a directory of shards (default: fresh samples).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed():
+  if os.environ.get('IMMISCIBLE_JAX_DISTRIBUTED') != '1':
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if 'JAX_COORDINATOR_ADDRESS' in os.environ:
+    kwargs = dict(coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
+                  num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                  process_id=int(os.environ['JAX_PROCESS_ID']))
+  jax.distributed.initialize(**kwargs)
+
+
+def main(argv):
+  del argv
+  _maybe_initialize_distributed()
+  # Imported after initialize(): nothing may touch the backend before it.
+  from immiscible_jax import config_checks, evaluators, train  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  config_checks.validate(config)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == 'sample':
+    evaluators.sample_from_checkpoint(config, FLAGS.workdir, FLAGS.step)
+  else:
+    evaluators.evaluate(config, FLAGS.workdir, FLAGS.step, FLAGS.samples)
+
+
+if __name__ == '__main__':
+  app.run(main)

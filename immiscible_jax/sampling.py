@@ -1,0 +1,97 @@
+"""Consistency sampling (CM paper, Algorithm 1), sample archives and image grids.
+
+One step:  x = f(sigma_max z, sigma_max).
+Multistep: then for each later sigma_n, x = f(x + sqrt(sigma_n^2 - sigma_min^2) z_n, sigma_n).
+A 1-element sigma sequence is the one-step sampler. Sampling is pmapped over local devices and deterministic
+for a given key: sample j always uses fold_in(key, j), whatever the device count.
+"""
+import functools
+import math
+import os
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from immiscible_jax import consistency
+
+# Named sigma sequences usable as sampling.sigmas.
+PRESETS = {'one_step': (80.0,), 'ict_cifar10_two_step': (80.0, 0.821)}
+
+
+def sample_batch(apply_fn, params, key, sample_ids, image_shape, sigmas, sigma_min, sigma_data):
+  """Samples for the given global sample indices [B] -> [B, H, W, C] in (about) [-1, 1]."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(sample_ids)
+  draw = lambda n: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, n), image_shape))(keys)
+  f = lambda x, s: consistency.denoise(apply_fn, params, x, jnp.full((x.shape[0],), s, jnp.float32),
+                                       sigma_min, sigma_data)
+  x = f(sigmas[0] * draw(0), sigmas[0])
+  for n, sigma in enumerate(sigmas[1:], start=1):
+    x = f(x + math.sqrt(sigma ** 2 - sigma_min ** 2) * draw(n), sigma)
+  return x
+
+
+def make_sampler(apply_fn, image_shape, sigmas, sigma_min, sigma_data):
+  """The pmapped sampler: (replicated params, replicated key, ids [devices, B]) -> images. Build it once."""
+  fn = functools.partial(sample_batch, apply_fn, image_shape=tuple(image_shape),
+                         sigmas=tuple(float(s) for s in sigmas), sigma_min=sigma_min, sigma_data=sigma_data)
+  return jax.pmap(fn, axis_name='batch')
+
+
+def generate(sampler, replicated_params, key, num_samples, image_shape, per_device_batch=256, start_index=0):
+  """num_samples images as float32 numpy [N, H, W, C], in chunks of local_devices x per_device_batch.
+
+  Under several processes each process generates its own part: pass start_index = its first sample index.
+  """
+  n_dev = jax.local_device_count()
+  per_device_batch = max(1, min(per_device_batch, math.ceil(num_samples / n_dev)))
+  chunk = n_dev * per_device_batch
+  keys = flax.jax_utils.replicate(key)
+  out = []
+  for begin in range(0, num_samples, chunk):
+    ids = start_index + begin + np.arange(chunk, dtype=np.int32).reshape(n_dev, per_device_batch)
+    out.append(np.asarray(sampler(replicated_params, keys, ids)).reshape(chunk, *image_shape))
+  return np.concatenate(out)[:num_samples]
+
+
+def to_uint8(images):
+  """[-1, 1] floats -> uint8 [0, 255] (rounded, clipped)."""
+  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images_uint8, columns=None):
+  """[N, H, W, C] uint8 -> one PIL image, N tiles in rows of `columns` with a 1-pixel gap."""
+  n, h, w, c = images_uint8.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 255, np.uint8)
+  for i, img in enumerate(images_uint8):
+    r, col = divmod(i, columns)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
+  pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+  scale = max(1, 256 // max(grid.shape[:2]))   # tiny digits grids are unreadable at 1:1
+  return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+
+
+def save_samples(images_uint8, out_dir, shard_size=10000, prefix='samples'):
+  """Writes [N, H, W, C] uint8 as <prefix>_00000-of-000NN.npz shards (key 'images'); returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  num_shards = max(1, math.ceil(len(images_uint8) / shard_size))
+  paths = []
+  for i in range(num_shards):
+    path = os.path.join(out_dir, f'{prefix}_{i:05d}-of-{num_shards:05d}.npz')
+    np.savez(path, images=images_uint8[i * shard_size:(i + 1) * shard_size])
+    paths.append(path)
+  return paths
+
+
+def load_samples(path_or_dir):
+  """Loads one .npz or every samples_*.npz shard of a directory, in shard order."""
+  if os.path.isdir(path_or_dir):
+    names = sorted(f for f in os.listdir(path_or_dir) if f.endswith('.npz'))
+    if not names:
+      raise FileNotFoundError(f'no .npz sample shards in {path_or_dir}')
+    return np.concatenate([np.load(os.path.join(path_or_dir, f))['images'] for f in names])
+  return np.load(path_or_dir)['images']
