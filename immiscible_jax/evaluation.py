@@ -1,0 +1,195 @@
+"""Sample quality: Frechet distance between feature Gaussians, feature extractors, cached reference statistics.
+
+An extractor maps uint8 images [N, H, W, C] to float32 features [N, D]:
+  - 'pixels': raw pixels scaled to [0, 1], optionally average-pooled by eval.pixel_downsample (weight-free);
+  - 'inception': pool3 features of the standard FID Inception-v3 (inception.py; FID when used with it).
+The metric is FD = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between the features' Gaussians.
+"""
+import os
+import re
+from typing import Protocol
+
+import jax
+import numpy as np
+
+from immiscible_jax import inception
+
+METRICS = ('pixels', 'inception')
+INCEPTION_NAME = 'inception_v3_tf2015'
+
+
+class Extractor(Protocol):
+  name: str  # Identifies the features in cache keys, e.g. 'pixels_ds1', 'inception_v3_tf2015'.
+
+  def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+    ...
+
+
+def default_cache_dir():
+  """Weights and reference statistics live here: $IMMISCIBLE_JAX_CACHE or ~/.cache/immiscible_jax."""
+  return os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.expanduser('~/.cache/immiscible_jax')
+
+
+def validate_config(eval_config):
+  """Raises ValueError naming the offending eval.* key."""
+  if eval_config.metric not in METRICS:
+    raise ValueError(f'eval.metric must be one of {METRICS}, got {eval_config.metric!r}.')
+  for key, minimum in (('every_steps', 0), ('num_samples', 2), ('pixel_downsample', 1), ('batch_size', 1),
+                       ('reference_num_images', 2)):
+    value = eval_config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f'eval.{key} must be an integer >= {minimum}, got {value!r}.')
+  if not isinstance(eval_config.reference_split, str) or not eval_config.reference_split:
+    raise ValueError(f'eval.reference_split must be a split name such as "train", '
+                     f'got {eval_config.reference_split!r}.')
+
+
+def compute_statistics(features):
+  """[N, D] features -> (mean [D], covariance [D, D]), float64, unbiased (N - 1) as in the reference FID code."""
+  features = np.asarray(features, np.float64)
+  if features.ndim != 2 or features.shape[0] < 2:
+    raise ValueError(f'Need features [N >= 2, D], got shape {features.shape}.')
+  return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
+
+
+def _clip_round_off(eigenvalues):
+  """Zeroes eigenvalues that are round-off (|w| <= d * eps * max|w|): sqrt would turn 1e-16 noise into 1e-8."""
+  tol = eigenvalues.shape[0] * np.finfo(np.float64).eps * np.abs(eigenvalues).max(initial=0.0)
+  return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
+def _psd_sqrt(sigma):
+  """Symmetric square root of a covariance (eigen-decomposition; round-off eigenvalues set to zero)."""
+  w, v = np.linalg.eigh(sigma)
+  return (v * np.sqrt(_clip_round_off(w))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+  tr((S1 S2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
+  S1^(1/2) S2 S1^(1/2), which has the same spectrum as S1 S2. Unlike scipy.linalg.sqrtm of the non-symmetric
+  product this needs no epsilon for singular covariances (fewer samples than dimensions) and never goes complex.
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  d = mu1.shape[0]
+  if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    raise ValueError(f'Shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}.')
+  if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, sigma1, sigma2)):
+    raise ValueError('Statistics contain NaN or inf.')
+  root1 = _psd_sqrt((sigma1 + sigma1.T) / 2)
+  middle = root1 @ sigma2 @ root1
+  eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+  trace_sqrt = np.sqrt(_clip_round_off(eigenvalues)).sum()
+  value = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+  return float(max(value, 0.0))  # Exact zero for identical statistics instead of -1e-12 round-off.
+
+
+def _check_images(images):
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'Expected uint8 images [N, H, W, 1 or 3], got {images.dtype} {images.shape}.')
+  return images
+
+
+class PixelExtractor:
+  """Raw pixels in [0, 1], average-pooled by `downsample` (must divide H and W), flattened: [N, H*W*C / ds^2]."""
+
+  def __init__(self, downsample=1):
+    self.downsample = downsample
+    self.name = f'pixels_ds{downsample}'
+
+  def __call__(self, images_uint8):
+    images = _check_images(images_uint8)
+    n, h, w, c = images.shape
+    k = self.downsample
+    if h % k or w % k:
+      raise ValueError(f'eval.pixel_downsample={k} must divide the image size {h}x{w}.')
+    out = np.empty((n, (h // k) * (w // k) * c), np.float32)
+    for start in range(0, n, 4096):  # Chunks keep the float copy small for 50k CIFAR-10 images.
+      x = images[start:start + 4096].astype(np.float32) / 255.0
+      x = x.reshape(-1, h // k, k, w // k, k, c).mean(axis=(2, 4))
+      out[start:start + 4096] = x.reshape(x.shape[0], -1)
+    return out
+
+
+class BatchedFeatures:
+  """Runs a jitted fn(params, uint8 batch) -> [B, D] over any number of images with one fixed batch shape.
+
+  The last batch is padded (and the padding dropped), so each image size compiles once. With several local
+  devices the batch is split over them with pmap (parameters broadcast); `batch_size` is per device. By default
+  that is all local accelerators, and one device on CPU, where forced host devices share the same cores and
+  would only multiply the memory.
+  """
+
+  def __init__(self, name, fn, params, batch_size, num_devices=None):
+    self.name = name
+    self.batch_size = batch_size
+    if num_devices is None:
+      num_devices = 1 if jax.default_backend() == 'cpu' else jax.local_device_count()
+    self.num_devices = num_devices
+    if self.num_devices > 1:
+      devices = jax.local_devices()[:self.num_devices]
+      self._fn = jax.pmap(fn, in_axes=(None, 0), devices=devices)
+    else:
+      self._fn = jax.jit(fn)
+    self._params = params
+
+  def __call__(self, images_uint8):
+    images = _check_images(images_uint8)
+    n = images.shape[0]
+    step = self.batch_size * self.num_devices
+    outputs = []
+    for start in range(0, n, step):
+      batch = images[start:start + step]
+      if batch.shape[0] < step:
+        pad = np.zeros((step - batch.shape[0],) + batch.shape[1:], batch.dtype)
+        batch = np.concatenate([batch, pad])
+      if self.num_devices > 1:
+        batch = batch.reshape((self.num_devices, self.batch_size) + batch.shape[1:])
+      outputs.append(self._fn(self._params, batch))  # Dispatch is asynchronous: fetch after the loop.
+    if not outputs:
+      raise ValueError('No images to extract features from.')
+    features = np.concatenate([np.asarray(o).reshape(step, -1) for o in outputs])
+    return features[:n].astype(np.float32)
+
+
+def inception_extractor(cache_dir=None, batch_size=64, num_devices=None):
+  """The FID feature extractor; the weights come from `python -m immiscible_jax.convert_inception`."""
+  params = inception.load_params(inception.weights_path(cache_dir or default_cache_dir()))
+  return BatchedFeatures(INCEPTION_NAME, inception.features, params, batch_size, num_devices)
+
+
+def create_extractor(eval_config, cache_dir=None):
+  validate_config(eval_config)
+  if eval_config.metric == 'pixels':
+    return PixelExtractor(eval_config.pixel_downsample)
+  return inception_extractor(cache_dir, eval_config.batch_size)
+
+
+def reference_statistics(extractor, images_fn, cache_key, cache_dir):
+  """(mu, sigma) of real images, cached at <cache_dir>/stats/<cache_key>_<extractor.name>.npz.
+
+  `images_fn()` returns uint8 [N, H, W, C] and is called only when the file is missing. The cache key should
+  name the dataset, split and image count (e.g. 'cifar10_train_50000') so different references never mix.
+  """
+  if not re.fullmatch(r'[A-Za-z0-9_.\-]+', cache_key):
+    raise ValueError(f'cache_key must use letters, digits, ".", "_" or "-" only, got {cache_key!r}.')
+  path = os.path.join(cache_dir, 'stats', f'{cache_key}_{extractor.name}.npz')
+  if os.path.exists(path):
+    with np.load(path) as npz:
+      return npz['mu'], npz['sigma']
+  images = images_fn()
+  mu, sigma = compute_statistics(extractor(images))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'wb') as f:  # Atomic, so an interrupted run never leaves a truncated cache.
+    np.savez(f, mu=mu, sigma=sigma, num_images=len(images))
+  os.replace(path + '.tmp', path)
+  return mu, sigma
+
+
+def frechet_distance_to(extractor, images_uint8, reference):
+  """FD (FID for the Inception extractor) of images against reference (mu, sigma)."""
+  mu, sigma = compute_statistics(extractor(images_uint8))
+  return frechet_distance(mu, sigma, *reference)
