@@ -54,6 +54,14 @@ def get_config():
   model.resamp_with_conv = True
   # Scale of the last conv's initialisation in each block (0 = zero init, as in NCSN++).
   model.init_scale = 0.0
+  # Multiplier on c_noise before the 'positional' embedding (CM's ImageNet code feeds 1000 * 0.25 log sigma).
+  model.positional_scale = 1000.0
+  # FIR (StyleGAN2) filtering in up/down-sampling instead of nearest / box resampling (NCSN++ CIFAR-10: True).
+  model.fir = True
+  # Separable FIR taps.
+  model.fir_kernel = (1, 3, 3, 1)
+  # Input pyramid summed into each down-sampled level: 'residual' (NCSN++ CIFAR-10) or 'none'.
+  model.progressive_input = 'residual'
 
   config.training = training = ml_collections.ConfigDict()
   # 'ct' (Song et al. 2023) or 'ict' (Song & Dhariwal 2023).
