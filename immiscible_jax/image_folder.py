@@ -1,0 +1,178 @@
+"""Images from a folder, or a .tar.gz of one, decoded once into a uint8 array and cached on disk.
+
+Layout: `<root>/[<split>/][<class>/...]<name>.(png|jpg|jpeg)`. A top-level folder named like the requested split
+(`train/`, `test/`) selects that split; without split folders every image under the root is used. A single
+wrapping folder (`cifar10/train/...`, as `tar czf cifar10.tar.gz cifar10` makes) is looked through.
+
+Images are read as they are: grayscale (PIL mode L) gives 1 channel and RGB gives 3; nothing is resized or
+converted, so a wrong size, channel count or mode (RGBA, palette, 16-bit) is an error naming the file. Hidden
+files (`.name`, `__MACOSX/`) are skipped; any other file that is not a PNG/JPEG is an error, so that a stray file
+never silently changes the data set.
+
+Order is fixed and round-robin over the folders holding the images (the classes), each folder sorted by name:
+image k of every class, then image k+1, ... so any prefix (`max_images`) is class-balanced.
+
+The decoded split is cached as .npy in $IMMISCIBLE_JAX_CACHE (default ~/.cache/immiscible_jax)/data, keyed by
+the absolute path, the archive's size and mtime (or every image's for a folder), the split, image size and channels.
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+ARCHIVE_EXTENSIONS = ('.tar.gz', '.tgz')
+# Top-level folder names taken to be splits: asking for a split that is not there is then an error.
+KNOWN_SPLITS = ('train', 'test', 'val', 'validation')
+# Bump when the decoded layout or order changes, so stale caches are not read.
+_CACHE_VERSION = 1
+
+
+def is_archive(path):
+  return path.lower().endswith(ARCHIVE_EXTENSIONS)
+
+
+def cache_dir():
+  root = os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                                  'immiscible_jax')
+  return os.path.join(root, 'data')
+
+
+def _hidden(relpath):
+  return any(part.startswith('.') or part == '__MACOSX' for part in relpath.split('/'))
+
+
+def _list_files(path):
+  """Returns ({relpath: stat fingerprint}, read(relpath) -> bytes) for the regular files under `path`."""
+  if is_archive(path):
+    blobs = {}
+    try:
+      with tarfile.open(path, 'r:gz') as tar:
+        for member in tar:  # One sequential pass: seeking back in a gzip stream is slow.
+          name = posixpath.normpath(member.name).lstrip('/')
+          if member.isfile() and not _hidden(name):
+            blobs[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise ValueError(f'data.path={path!r}: cannot read the archive ({e}).') from e
+    return {name: None for name in blobs}, blobs.__getitem__
+  files = {}
+  for dirpath, dirnames, filenames in os.walk(path):
+    dirnames.sort()
+    for filename in filenames:
+      relpath = os.path.relpath(os.path.join(dirpath, filename), path).replace(os.sep, '/')
+      if not _hidden(relpath):
+        st = os.stat(os.path.join(dirpath, filename))
+        files[relpath] = (st.st_size, st.st_mtime_ns)
+
+  def read(relpath):
+    with open(os.path.join(path, relpath), 'rb') as f:
+      return f.read()
+
+  return files, read
+
+
+def _select_split(relpaths, split, path):
+  """The files of `split`: under a top-level `split/` folder when there is one, else all of them."""
+  parts = [p.split('/') for p in relpaths]
+  # Look through wrapping folders that hold everything and are not themselves a split.
+  while (parts and all(len(q) > 2 for q in parts) and len({q[0] for q in parts}) == 1
+         and parts[0][0] not in KNOWN_SPLITS + (split,)):
+    parts = [q[1:] for q in parts]
+  tops = {q[0] for q in parts if len(q) > 1}
+  if split in tops:
+    return [p for p, q in zip(relpaths, parts) if q[0] == split and len(q) > 1]
+  if tops & set(KNOWN_SPLITS):
+    raise ValueError(f'data.split={split!r}: no {split!r} folder in data.path={path!r}; its split folders are '
+                     f'{sorted(tops & set(KNOWN_SPLITS))}.')
+  return list(relpaths)
+
+
+def _canonical_order(relpaths):
+  """Round-robin over the image folders (classes), each sorted by name: any prefix is class-balanced."""
+  groups = {}
+  for p in sorted(relpaths):
+    groups.setdefault(posixpath.dirname(p), []).append(p)
+  columns = [groups[k] for k in sorted(groups)]
+  longest = max((len(c) for c in columns), default=0)
+  return [c[i] for i in range(longest) for c in columns if i < len(c)]
+
+
+def _decode(data, where, image_size, channels):
+  """One image file's bytes -> uint8 [H, W, C]; every failure names the file."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.load()
+      mode, (width, height) = img.mode, img.size
+      array = np.asarray(img)
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    raise ValueError(f'{where}: not a readable image ({type(e).__name__}: {e}).') from e
+  if mode not in ('L', 'RGB'):
+    raise ValueError(f'{where}: image mode {mode!r}; only grayscale (L, 1 channel) or RGB (3 channels) images '
+                     'are read, without conversion. Convert the files first.')
+  if (height, width) != (image_size, image_size):
+    raise ValueError(f'{where}: image is {width}x{height}, but data.image_size={image_size} '
+                     f'({image_size}x{image_size}); images are not resized.')
+  found = 1 if mode == 'L' else 3
+  if found != channels:
+    raise ValueError(f'{where}: image has {found} channel(s) (mode {mode}), but data.channels={channels}.')
+  return array.reshape(image_size, image_size, channels)
+
+
+def _cache_path(path, split, image_size, channels, files):
+  if is_archive(path):
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+  else:
+    stamp = sorted(files.items())
+  key = json.dumps([_CACHE_VERSION, os.path.abspath(path), split, image_size, channels, stamp])
+  name = f'{os.path.basename(os.path.normpath(path))}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy'
+  return os.path.join(cache_dir(), name)
+
+
+def _write_cache(cache_file, images):
+  try:
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f'{cache_file}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
+      np.save(f, images)
+    os.replace(tmp, cache_file)  # Atomic: several processes may decode and write at once.
+  except OSError as e:
+    logging.warning('Could not cache decoded images at %s (%s); they will be decoded again next time.',
+                    cache_file, e)
+
+
+def load(path, split, image_size, channels, max_images=None):
+  """uint8 [N, image_size, image_size, channels] in the fixed order above; N = all, or at most max_images."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'data.path={path!r} does not exist.')
+  # An archive's cache key needs only its stat, so a cached archive is not even decompressed.
+  if is_archive(path):
+    cache_file = _cache_path(path, split, image_size, channels, None)
+    if os.path.exists(cache_file):
+      return np.load(cache_file)[:max_images]
+  files, read = _list_files(path)
+  if not is_archive(path):
+    cache_file = _cache_path(path, split, image_size, channels, files)
+    if os.path.exists(cache_file):
+      return np.load(cache_file)[:max_images]
+  selected = _select_split(list(files), split, path)
+  if not selected:
+    raise ValueError(f'data.path={path!r} (data.split={split!r}): no images found; expected '
+                     f'{"/".join(IMAGE_EXTENSIONS)} files, optionally in <split>/<class>/ folders.')
+  for relpath in selected:
+    if not relpath.lower().endswith(IMAGE_EXTENSIONS):
+      raise ValueError(f'{os.path.join(path, relpath)}: not an image file (allowed: {IMAGE_EXTENSIONS}); '
+                       'remove it from data.path.')
+  ordered = _canonical_order(selected)
+  partial = max_images is not None and max_images < len(ordered)
+  ordered = ordered[:max_images]
+  images = np.stack([_decode(read(p), os.path.join(path, p), image_size, channels) for p in ordered])
+  if not partial:  # Cache only whole splits.
+    _write_cache(cache_file, images)
+  return images
