@@ -1,0 +1,301 @@
+"""Tests for immiscible_jax.data and image_folder: batches, sharding, iterator state, sources, errors.
+
+Expected values come from the raw sources (scikit-learn's digits, tfds' mock, PNGs written here), never from the
+code under test.
+"""
+import os
+import tarfile
+
+import grain
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import default
+from immiscible_jax import data
+
+_REAL_ARCHIVE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, 'shared', 'data',
+                             'cifar10-jpg.tar.gz')
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  # Decoded-folder caches go to a fresh directory per test, never to the user's ~/.cache.
+  monkeypatch.setenv('IMMISCIBLE_JAX_CACHE', str(tmp_path / 'cache'))
+
+
+def _config(**overrides):
+  config = default.get_config().data
+  config.update(overrides)
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator)['image'] for _ in range(n)]
+
+
+def _rows(images):
+  """Images as a sorted list of bytes: a multiset that ignores order within a batch."""
+  return sorted(bytes(x) for x in np.ascontiguousarray(images).reshape(len(images), -1))
+
+
+def _unit(images):
+  """uint8 values -> float32 in [-1, 1], the documented scaling."""
+  return np.asarray(images, np.float32) / 127.5 - 1
+
+
+def _digits_in_range():
+  from sklearn.datasets import load_digits
+  return _unit(np.round(load_digits().images * (255 / 16))[..., None])
+
+
+# ---------------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_batches_shape_range_and_determinism():
+  config = _config()
+  batches = _take(data.create_train_iterator(config, 16, seed=0, process_index=0, process_count=1), 3)
+  assert data.image_shape(config) == (8, 8, 1)
+  for b in batches:
+    assert b.shape == (16, 8, 8, 1) and b.dtype == np.float32
+    assert b.min() >= -1 and b.max() <= 1
+  assert not np.array_equal(batches[0], batches[1])
+  # Every image is one of the digits, scaled 0..16 -> 0..255 -> [-1, 1].
+  assert set(_rows(np.concatenate(batches))) <= set(_rows(_digits_in_range()))
+  again = _take(data.create_train_iterator(config, 16, seed=0, process_index=0, process_count=1), 3)
+  other = _take(data.create_train_iterator(config, 16, seed=1, process_index=0, process_count=1), 3)
+  np.testing.assert_array_equal(np.stack(batches), np.stack(again))
+  assert not np.array_equal(np.stack(batches), np.stack(other))
+
+
+def test_digits_epochs_are_permutations_reshuffled():
+  # 1797 = 3 * 599: three batches are exactly one epoch.
+  iterator = data.create_train_iterator(_config(), 599, seed=0, process_index=0, process_count=1)
+  epoch1, epoch2 = np.concatenate(_take(iterator, 3)), np.concatenate(_take(iterator, 3))
+  assert _rows(epoch1) == _rows(_digits_in_range()) == _rows(epoch2)
+  assert not np.array_equal(epoch1, epoch2)
+
+
+def test_load_images_digits_fixed_order():
+  from sklearn.datasets import load_digits
+  images = data.load_images(_config(), max_images=10)
+  assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 1)
+  np.testing.assert_array_equal(images[..., 0], np.round(load_digits().images[:10] * 255 / 16))
+  assert data.load_images(_config(), split='test').shape == (1797, 8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------- sharding and state
+
+
+def test_process_shards_are_disjoint_parts_of_the_global_batch(image_dir):
+  # Unique, asymmetric images (see image_dir), flips on: flips must also agree with the unsharded stream.
+  config = _config(dataset='folder', path=str(image_dir), image_size=4, channels=3, random_flip=True)
+  whole = _take(data.create_train_iterator(config, 6, seed=3, process_index=0, process_count=1), 5)
+  parts = [_take(data.create_train_iterator(config, 6, seed=3, process_index=k, process_count=2), 5)
+           for k in range(2)]
+  flipped = 0
+  for step in range(5):
+    a, b = parts[0][step], parts[1][step]
+    assert a.shape == b.shape == (3, 4, 4, 3)
+    assert not set(_rows(a)) & set(_rows(b))
+    assert _rows(np.concatenate([a, b])) == _rows(whole[step])
+    flipped += len(set(_rows(whole[step])) - set(_rows(_unit(_expected_train()))))
+  assert flipped > 0  # Flips happened, and were the same in both layouts.
+  with pytest.raises(ValueError, match='divide'):
+    data.create_train_iterator(config, 5, seed=0, process_index=0, process_count=2)
+
+
+def test_iterator_state_round_trip():
+  config = _config()
+  iterator = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
+  _take(iterator, 3)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  restored = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
+  restored.set_state(state)
+  np.testing.assert_array_equal(np.stack(_take(restored, 3)), np.stack(expected))
+
+
+def test_iterator_state_through_orbax(tmp_path):
+  import orbax.checkpoint as ocp
+  config = _config()
+  iterator = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
+  _take(iterator, 2)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  expected = _take(iterator, 2)
+  restored = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.restore(manager.latest_step(),
+                    args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored)))
+  np.testing.assert_array_equal(np.stack(_take(restored, 2)), np.stack(expected))
+
+
+# ------------------------------------------------------------------------------------------------- cifar10
+
+
+def _cifar10(**overrides):
+  return _config(dataset='cifar10', image_size=32, channels=3, **overrides)
+
+
+def test_cifar10_from_tfds_mock_with_flips():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=12):
+    source = tfds.data_source('cifar10', split='train', download=False)
+    records = np.stack([source[i]['image'] for i in range(12)])
+    originals, mirrors = set(_rows(_unit(records))), set(_rows(_unit(records[:, :, ::-1])))
+    seen = {True: set(), False: set()}
+    for flip in (False, True):
+      iterator = data.create_train_iterator(_cifar10(random_flip=flip), 8, seed=0, process_index=0,
+                                            process_count=1)
+      for b in _take(iterator, 3):
+        assert b.shape == (8, 32, 32, 3) and b.dtype == np.float32 and -1 <= b.min() and b.max() <= 1
+        seen[flip] |= set(_rows(b))
+    loaded = data.load_images(_cifar10(), max_images=5)
+  assert seen[False] <= originals
+  assert seen[True] <= originals | mirrors
+  assert seen[True] & (mirrors - originals) and seen[True] & originals  # Some flipped, some not.
+  np.testing.assert_array_equal(loaded, records[:5])
+
+
+def test_cifar10_missing_explains_how_to_prepare(tmp_path):
+  config = _cifar10(tfds_data_dir=str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='tfds build cifar10') as error:
+    data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
+  assert 'data.tfds_data_dir' in str(error.value) and 'data.dataset=folder' in str(error.value)
+
+
+# -------------------------------------------------------------------------------------------------- folder
+
+_CLASSES, _PER_CLASS = ('cat', 'dog'), {'train': 6, 'test': 2}
+
+
+def _image(split, label, i):
+  """A unique 4x4 RGB image; random content, so mirrored it is (almost surely) a different image."""
+  seed = [('train', 'test').index(split), label, i]
+  return np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+
+
+def _expected_train():
+  # Round-robin over the class folders: cat/0, dog/0, cat/1, dog/1, ...
+  return np.stack([_image('train', c, i) for i in range(6) for c in range(2)])
+
+
+@pytest.fixture(scope='module')
+def image_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('images') / 'pets'
+  for split, count in _PER_CLASS.items():
+    for label, name in enumerate(_CLASSES):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        Image.fromarray(_image(split, label, i)).save(root / split / name / f'{i:03d}.png')
+  return root
+
+
+@pytest.fixture(scope='module')
+def image_archive(image_dir):
+  path = image_dir.parent / 'pets.tar.gz'
+  with tarfile.open(path, 'w:gz') as tar:
+    tar.add(image_dir, arcname='pets')  # Wrapped in one folder, as `tar czf pets.tar.gz pets` makes.
+  return path
+
+
+def _folder(path, **overrides):
+  return _config(**{'dataset': 'folder', 'path': str(path), 'image_size': 4, 'channels': 3, **overrides})
+
+
+def test_folder_and_archive_load_identically(image_dir, image_archive):
+  from_dir = data.load_images(_folder(image_dir))
+  np.testing.assert_array_equal(from_dir, _expected_train())
+  np.testing.assert_array_equal(data.load_images(_folder(image_archive)), from_dir)
+  test_split = data.load_images(_folder(image_archive), split='test')
+  np.testing.assert_array_equal(test_split, [_image('test', c, i) for i in range(2) for c in range(2)])
+  np.testing.assert_array_equal(data.load_images(_folder(image_archive), max_images=3), from_dir[:3])
+  batch = next(data.create_train_iterator(_folder(image_archive), 4, seed=0, process_index=0,
+                                          process_count=1))['image']
+  assert batch.shape == (4, 4, 4, 3) and set(_rows(batch)) <= set(_rows(_unit(_expected_train())))
+
+
+def test_folder_cache_is_written_and_invalidated(image_dir, tmp_path):
+  import shutil
+  root = tmp_path / 'copy'
+  shutil.copytree(image_dir, root)
+  first = data.load_images(_folder(root))
+  assert os.listdir(tmp_path / 'cache' / 'data')
+  replacement = np.full((4, 4, 3), 7, np.uint8)
+  Image.fromarray(replacement).save(root / 'train' / 'cat' / '000.png')
+  os.utime(root / 'train' / 'cat' / '000.png', ns=(1, 1))  # A different mtime even on coarse clocks.
+  second = data.load_images(_folder(root))
+  np.testing.assert_array_equal(second[0], replacement)
+  np.testing.assert_array_equal(second[1:], first[1:])
+
+
+@pytest.mark.parametrize('name, content, match', [
+    ('notes.txt', b'hello', 'not an image file'),
+    ('broken.png', b'not a png at all', 'not a readable image'),
+    ('big.png', ('RGB', 5), 'data.image_size=4'),
+    ('gray.png', ('L', 4), 'data.channels=3'),
+    ('alpha.png', ('RGBA', 4), "mode 'RGBA'"),
+])
+def test_folder_bad_file_is_named(image_dir, tmp_path, name, content, match):
+  import shutil
+  root = tmp_path / 'bad'
+  shutil.copytree(image_dir, root)
+  target = root / 'train' / 'dog' / name
+  if isinstance(content, bytes):
+    target.write_bytes(content)
+  else:
+    mode, size = content
+    Image.new(mode, (size, size)).save(target)
+  archive = tmp_path / 'bad.tgz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(root, arcname='.')
+  for path in (root, archive):
+    with pytest.raises(ValueError, match=match) as error:
+      data.load_images(_folder(path))
+    assert f'train/dog/{name}' in str(error.value)
+
+
+def test_folder_path_split_and_emptiness_errors(image_dir, tmp_path):
+  with pytest.raises(ValueError, match='data.path'):
+    data.validate_config(_folder(tmp_path / 'missing'))
+  not_archive = tmp_path / 'one.png'
+  Image.new('RGB', (4, 4)).save(not_archive)
+  with pytest.raises(ValueError, match='neither a folder nor'):
+    data.validate_config(_folder(not_archive))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ValueError, match='no images found') as error:
+    data.load_images(_folder(tmp_path / 'empty'))
+  assert str(tmp_path / 'empty') in str(error.value)
+  with pytest.raises(ValueError, match="data.split='val'"):
+    data.load_images(_folder(image_dir, split='val'))
+  corrupt = tmp_path / 'corrupt.tar.gz'
+  corrupt.write_bytes(b'\x1f\x8b not really gzip')
+  with pytest.raises(ValueError, match='corrupt.tar.gz'):
+    data.load_images(_folder(corrupt))
+
+
+@pytest.mark.skipif(not os.path.exists(_REAL_ARCHIVE), reason=f'offline CIFAR-10 JPEGs absent: {_REAL_ARCHIVE}')
+def test_real_cifar10_archive():
+  images = data.load_images(_config(dataset='folder', path=_REAL_ARCHIVE, image_size=32, channels=3),
+                            max_images=20)
+  assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
+  assert len(set(_rows(images))) == 20 and images.std() > 10
+
+
+# -------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(dataset='mnist'), 'data.dataset'),
+    (dict(channels=2), 'data.channels'),
+    (dict(image_size=0), 'data.image_size'),
+    (dict(image_size=32), 'data.image_size=8'),
+    (dict(dataset='cifar10'), 'data.image_size=32'),
+    (dict(split='validation'), 'data.split'),
+    (dict(num_workers=-1), 'data.num_workers'),
+])
+def test_validate_config_names_the_key(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    data.validate_config(_config(**overrides))
