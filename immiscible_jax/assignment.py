@@ -1,0 +1,174 @@
+"""Immiscible noise assignment (Li et al., NeurIPS 2024; KNN variant: arXiv 2505.18521), inside jit / pmap.
+
+Before noising, the batch's Gaussian noise rows are re-paired with its images so that the total
+image-noise distance is (near-)minimal. Permutation methods ('hungarian', 'jv', 'sinkhorn', 'scipy') only
+reorder the batch's own noise, so its multiset, hence its Gaussian distribution, is unchanged. 'knn' keeps
+for each image the nearest of `knn_k` draws (the given noise and knn_k - 1 fresh ones): each output row is
+a genuine draw, but selection favours short noise vectors, so it changes the noise marginal.
+
+Costs are computed from inputs quantised to `assignment.dtype` with float32 accumulation. For
+'sqeuclidean' the terms ||x||^2 and ||n||^2 cannot change the optimal permutation, so the cost is the
+cross term -x.n alone (one matmul); rounding the full squared distance to bf16 would lose much of the
+small achievable gain.
+
+Non-finite inputs: if any image or noise value in the problem is NaN or inf, every method except 'none'
+returns all-NaN noise (and NaN distances), so the trainer's NaN guard stops the run at that step; the
+solvers run on a zeroed cost meanwhile, so they always terminate. 'none' returns its input unchanged.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+
+from immiscible_jax import assignment_solvers as solvers
+
+METHODS = ('none', 'hungarian', 'jv', 'sinkhorn', 'scipy', 'knn')
+PERMUTATION_METHODS = ('hungarian', 'jv', 'sinkhorn', 'scipy')
+COSTS = ('l2', 'sqeuclidean')
+DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+SCOPES = ('local', 'global')
+# Keys added after the first config; read with these defaults when a config lacks them.
+_DEFAULTS = dict(jv_warm_start_epsilon=0.1, jv_warm_start_iterations=5, jv_arr_sweeps=2,
+                 sinkhorn_arr_sweeps=1)
+
+
+@flax.struct.dataclass
+class AssignmentInfo:
+  distance_before: jax.Array  # [] mean image-noise L2 distance with the given pairing
+  distance_after: jax.Array  # [] mean image-noise L2 distance after assignment
+
+
+def _get(config, key):
+  return config.get(key, _DEFAULTS.get(key))
+
+
+def _check(ok, key, allowed, value):
+  if not ok:
+    raise ValueError(f'assignment.{key} must be {allowed}, got {value!r}')
+
+
+def _is_int(value):
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(assignment_config):
+  """Raises ValueError naming the key and the allowed values for any bad setting."""
+  c = assignment_config
+  for key, allowed in (('method', METHODS), ('cost', COSTS), ('dtype', tuple(DTYPES)),
+                       ('scope', SCOPES)):
+    _check(_get(c, key) in allowed, key, f'one of {list(allowed)}', _get(c, key))
+  for key in ('knn_k', 'sinkhorn_max_iterations'):
+    _check(_is_int(_get(c, key)) and _get(c, key) >= 1, key, 'a positive integer', _get(c, key))
+  for key in ('sinkhorn_arr_sweeps', 'jv_warm_start_iterations', 'jv_arr_sweeps'):
+    _check(_is_int(_get(c, key)) and _get(c, key) >= 0, key, 'an integer >= 0', _get(c, key))
+  for key in ('sinkhorn_epsilon', 'sinkhorn_threshold', 'jv_warm_start_epsilon'):
+    _check(_is_number(_get(c, key)) and _get(c, key) > 0, key, 'a positive number', _get(c, key))
+
+
+def cost_matrix(images, noise, cost, dtype):
+  """[B, B] float32 cost between flattened images (rows) and noise (columns), from dtype-quantised inputs."""
+  x = images.reshape(images.shape[0], -1).astype(dtype)
+  n = noise.reshape(noise.shape[0], -1).astype(dtype)
+  cross = jnp.einsum('id,jd->ij', x, n, preferred_element_type=jnp.float32)
+  if cost == 'sqeuclidean':
+    return -cross
+  x2 = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)
+  n2 = jnp.sum(jnp.square(n.astype(jnp.float32)), axis=1)
+  return jnp.sqrt(jnp.maximum(x2[:, None] + n2[None, :] - 2.0 * cross, 0.0))
+
+
+def solve(cost, assignment_config):
+  """Permutation `perm` ([B] int32) minimising sum_i cost[i, perm[i]] with the configured method."""
+  c, method = assignment_config, assignment_config.method
+  if cost.shape[0] == 1:
+    return jnp.zeros(1, jnp.int32)
+  if method == 'hungarian':
+    return solvers.hungarian(cost)
+  if method == 'jv':
+    return solvers.jv(cost, _get(c, 'jv_warm_start_epsilon'), _get(c, 'jv_warm_start_iterations'),
+                      _get(c, 'jv_arr_sweeps'))
+  if method == 'sinkhorn':
+    return solvers.sinkhorn(cost, c.sinkhorn_epsilon, c.sinkhorn_max_iterations, c.sinkhorn_threshold,
+                            _get(c, 'sinkhorn_arr_sweeps'))
+  if method == 'scipy':
+    return solvers.scipy_lsa(cost)
+  raise ValueError(f'assignment.method {method!r} is not a permutation method')
+
+
+def _all_finite(*arrays):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
+def _mean_distance(images, noise):
+  diff = (images - noise).reshape(images.shape[0], -1).astype(jnp.float32)
+  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(diff), axis=1)))
+
+
+def knn_candidates(noise, key, k):
+  """[k, B, ...] candidates: the given noise, then k - 1 fresh standard-normal draws from `key`."""
+  extra = jax.random.normal(key, (k - 1,) + noise.shape, noise.dtype)
+  return jnp.concatenate([noise[None], extra], axis=0)
+
+
+def _knn(images, noise, key, k, dtype):
+  """Each image keeps its nearest candidate in (quantised) squared L2; same choice as plain L2."""
+  cands = knn_candidates(noise, key, k)
+  x = images.reshape(images.shape[0], -1).astype(dtype)
+  n = cands.reshape(k, images.shape[0], -1).astype(dtype)
+  # ||x||^2 is the same for all of an image's candidates; ||n||^2 is not, so it stays.
+  cross = jnp.einsum('bd,kbd->kb', x, n, preferred_element_type=jnp.float32)
+  dist = jnp.sum(jnp.square(n.astype(jnp.float32)), axis=2) - 2.0 * cross  # [k, B]
+  dist = jnp.where(jnp.isfinite(dist), dist, 0.0)
+  best = jnp.argmin(dist, axis=0)
+  return jnp.take_along_axis(cands, best.reshape((1, -1) + (1,) * (noise.ndim - 1)), axis=0)[0]
+
+
+def _permute(images, noise, assignment_config, axis_name):
+  c = assignment_config
+  dtype = DTYPES[c.dtype]
+  gathered = c.scope == 'global' and axis_name is not None
+  if gathered:
+    # Images only feed the cost, so they travel quantised; noise travels as is, to be returned.
+    all_images = jax.lax.all_gather(images.astype(dtype), axis_name, tiled=True)
+    all_noise = jax.lax.all_gather(noise, axis_name, tiled=True)
+  else:
+    all_images, all_noise = images, noise
+  finite = _all_finite(all_images, all_noise)
+  cost = cost_matrix(all_images, all_noise, c.cost, dtype)
+  perm = solve(jnp.where(finite, cost, 0.0), c)
+  if gathered:
+    # Every device solved the same problem; device 0's answer is used by all, so the global
+    # permutation stays one permutation even if devices ever rounded differently.
+    perm = jax.lax.all_gather(perm, axis_name)[0]
+    start = jax.lax.axis_index(axis_name) * noise.shape[0]
+    perm = jax.lax.dynamic_slice_in_dim(perm, start, noise.shape[0])
+  return jnp.where(finite, all_noise[perm], jnp.nan)
+
+
+def assign_noise(images, noise, key, assignment_config, axis_name=None):
+  """Returns (noise to use for each image [B, H, W, C], AssignmentInfo).
+
+  images, noise: [B, H, W, C] float32 (this device's shard under pmap). key: PRNG key, used by 'knn' only
+  (the device index is folded in when axis_name is given, so a replicated key still gives independent
+  draws per device). axis_name: the pmap axis; scope='global' gathers over it (all hosts), solves the
+  global problem on every device and keeps this device's slice; without it 'global' equals 'local'.
+  """
+  validate_config(assignment_config)
+  if images.shape != noise.shape:
+    raise ValueError(f'images and noise must have the same shape, got {images.shape} and {noise.shape}')
+  c = assignment_config
+  if c.method == 'none':
+    out = noise
+  elif c.method == 'knn':
+    if axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    out = _knn(images, noise, key, c.knn_k, DTYPES[c.dtype])
+    out = jnp.where(_all_finite(images, noise), out, jnp.nan)
+  else:
+    out = _permute(images, noise, c, axis_name)
+  info = AssignmentInfo(distance_before=_mean_distance(images, noise),
+                        distance_after=_mean_distance(images, out))
+  return out, info
