@@ -14,6 +14,7 @@ import warnings
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
@@ -41,6 +42,8 @@ def _maybe_initialize_distributed():
 
 def main(argv):
   del argv
+  if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; keep the console for our progress lines.
+    logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
   # Imported after initialize(): nothing may touch the backend before it.
   from immiscible_jax import config_checks, evaluators, train  # pylint: disable=g-import-not-at-top

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import flax
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -124,14 +123,25 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_p_train_step(model, optimizer, config):
+def make_p_train_step(model, optimizer, config, devices=None):
   step = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
-def shard_batch(batch):
+def replicate(tree, devices=None):
+  """Copies a host pytree of arrays to every local device with the sharding pmap gives its outputs (mesh
+  axis 'batch'), so feeding the first step's outputs back does not compile the step a second time."""
+  devices = devices or jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  n = len(devices)
+  stack = lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
+  return jax.tree_util.tree_map(lambda x: jax.device_put(stack(x), sharding), tree)
+
+
+def shard_batch(batch, num_devices=None):
   """[B_host, ...] -> [local_devices, B_host // local_devices, ...]."""
-  n = jax.local_device_count()
+  n = num_devices or jax.local_device_count()
   return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
@@ -153,11 +163,12 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step=None):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
   Resume order: 1. the newest readable checkpoint in workdir/checkpoints, 2. from scratch.
-  Returns the final host TrainState.
+  stop_at_step: leave (with a checkpoint) after this step, as if preempted there; the schedules still
+  follow training.num_steps. Returns the final host TrainState.
   """
   config_checks.validate(config)
   tcfg = config.training
@@ -185,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       f.write(config.to_json(indent=2))
 
   start = int(state.step)
-  p_state = flax.jax_utils.replicate(state)
+  p_state = replicate(state)
   p_step = make_p_train_step(model, optimizer, config)
   evaluator = _make_evaluator(config, model, workdir)
   flag = preemption.install()
@@ -197,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       pending.append(metrics)
       step += 1
       last = step == tcfg.num_steps
-      preempted = flag.should_stop(step)
+      preempted = flag.should_stop(step) or step == stop_at_step
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
       if step % tcfg.log_every_steps == 0 or save_now:
         scalars = summarize(pending, float(lr_fn(step - 1)))
