@@ -112,11 +112,11 @@ def get_config():
   # Sinkhorn rounding: row-reduction bids per row before the rows left take their cheapest free column.
   assignment.sinkhorn_arr_sweeps = 1
   # 'jv' warm start (speed only, always exact): Sinkhorn epsilon relative to the cost's std,
-  assignment.jv_warm_start_epsilon = 0.1
+  assignment.jv_warm_start_epsilon = 0.03
   # 'jv' warm-start Sinkhorn iterations (0 = start from column minima),
-  assignment.jv_warm_start_iterations = 5
+  assignment.jv_warm_start_iterations = 40
   # 'jv' augmenting-row-reduction bids per row before its Dijkstra augmentations.
-  assignment.jv_arr_sweeps = 2
+  assignment.jv_arr_sweeps = 1
 
   config.optim = optim = ml_collections.ConfigDict()
   # 'adam' or 'radam'.

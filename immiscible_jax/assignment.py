@@ -27,7 +27,7 @@ COSTS = ('l2', 'sqeuclidean')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 SCOPES = ('local', 'global')
 # Keys added after the first config; read with these defaults when a config lacks them.
-_DEFAULTS = dict(jv_warm_start_epsilon=0.1, jv_warm_start_iterations=5, jv_arr_sweeps=2,
+_DEFAULTS = dict(jv_warm_start_epsilon=0.03, jv_warm_start_iterations=40, jv_arr_sweeps=1,
                  sinkhorn_arr_sweeps=1)
 
 

@@ -121,6 +121,33 @@ def test_exact_solvers_match_scipy_on_random_matrices(batch):
                                  rtol=1e-6, atol=1e-4, err_msg=name)
 
 
+@functools.lru_cache(maxsize=None)
+def jv_variants_fn():
+  # No warm start and no row reduction (pure Dijkstra), the defaults, and a long row reduction.
+  knobs = [(0.1, 0, 0), (0.03, 40, 1), (0.02, 80, 8)]
+  return jax.jit(lambda c: [assignment_solvers.jv(c, *k) for k in knobs])
+
+
+def test_jv_is_exact_whatever_its_speed_knobs_on_degenerate_matrices():
+  rng = np.random.default_rng(0)
+  batch = 48
+  a, b = rng.uniform(1, 2, batch), rng.uniform(1, 2, batch)
+  cases = {
+      'all equal': np.zeros((batch, batch)),
+      'rank one (optimum pairs sorted a with reversed b)': np.outer(a, b),
+      'equal rows': np.tile(rng.normal(size=batch), (batch, 1)),
+      'wide range': rng.normal(size=(batch, batch)) * np.logspace(-3, 3, batch)[:, None],
+  }
+  for name, cost in cases.items():
+    cost = cost.astype(np.float32)
+    best = optimum(cost.astype(np.float64))
+    for perm in jv_variants_fn()(cost):
+      perm = np.asarray(perm)
+      assert sorted(perm.tolist()) == list(range(batch)), name
+      np.testing.assert_allclose(cost.astype(np.float64)[np.arange(batch), perm].sum(), best,
+                                 rtol=1e-6, atol=1e-5, err_msg=name)
+
+
 def test_exact_solvers_on_a_hand_built_case():
   # Rows 0 and 1 both want column 0; row 1 has no other cheap column, so the optimum 2 + 1 + 3 = 6
   # sends row 0 to column 1 (greedy in row order would pay 1 + 9 + 3 = 13).
