@@ -47,7 +47,7 @@ def sinkhorn_column_potentials(cost, epsilon, num_iterations):
   return jnp.where(jnp.isfinite(g), g, shift)
 
 
-def _argmin(w, axis=-1):
+def min_and_argmin(w, axis=-1):
   """(min, first index of the min) along `axis`. XLA:CPU's argmin (a variadic reduce) is several times
   slower than two plain min-reductions, which matters inside the solvers' while loops."""
   m = jnp.min(w, axis=axis, keepdims=True)
@@ -60,7 +60,7 @@ def _initial_matching(cost, v):
   """Each row takes its cheapest column under duals v; on collisions the lowest row index keeps it."""
   n = cost.shape[0]
   rows = jnp.arange(n, dtype=jnp.int32)
-  _, best = _argmin(cost - v[None, :], axis=1)
+  _, best = min_and_argmin(cost - v[None, :], axis=1)
   row4col = jnp.full(n, n, jnp.int32).at[best].min(rows)
   row4col = jnp.where(row4col == n, -1, row4col)
   col4row = jnp.where(row4col[best] == rows, best, -1)
@@ -177,7 +177,7 @@ def _greedy_fill(cost, v, row4col, col4row, stack, count):
   def body(s):
     row4col, col4row, count = s
     i = stack[count - 1]
-    _, j = _argmin(jnp.where(row4col < 0, cost[i] - v, jnp.inf))
+    _, j = min_and_argmin(jnp.where(row4col < 0, cost[i] - v, jnp.inf))
     return row4col.at[j].set(i), col4row.at[i].set(j), count - 1
 
   _, col4row, _ = lax.while_loop(lambda s: s[2] > 0, body, (row4col, col4row, count))
