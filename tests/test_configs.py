@@ -96,3 +96,9 @@ def test_resume_compatibility_lists_the_differing_keys():
   harmless = _digits()
   harmless.training.num_steps = 99
   config_checks.check_resume_compatible(saved.to_dict(), harmless)
+
+
+def test_readme_config_reference_matches_configs_default():
+  from immiscible_jax import config_docs  # pylint: disable=g-import-not-at-top
+  readme = open(os.path.join(_ROOT, 'README.md')).read()
+  assert config_docs.markdown() in readme, 'regenerate with: python -m immiscible_jax.config_docs'
