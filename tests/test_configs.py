@@ -86,7 +86,7 @@ def test_resume_compatibility_lists_the_differing_keys():
   saved = _digits()
   config = _digits()
   config.model.nf = 64
-  config.training.recipe = 'ict'
+  config.training.recipe = 'ct'
   config.training.num_steps = 99          # harmless: allowed to change
   config.training.log_every_steps = 7     # harmless
   with pytest.raises(ValueError) as err:
