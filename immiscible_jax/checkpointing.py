@@ -1,21 +1,44 @@
 """Orbax checkpoints of a run: train state, the grain iterator's position and the run's config.
 
-Layout: workdir/checkpoints/<step>/{state, data_iter, meta}. Orbax writes each step to a temporary directory and
-renames it when complete, so a run killed mid-write leaves no step that `all_steps()` would list.
-Restore walks the steps newest-first and falls back past unreadable ones, saying so.
+Layout: workdir/checkpoints/<step>/{state, data_iter, meta}. Orbax writes each step to
+`<step>.orbax-checkpoint-tmp` and renames it when every item is complete, so a run killed mid-write leaves no
+step that `all_steps()` would list; the leftover temporary directory is removed when the next run opens the
+manager. Restore walks the steps newest-first, checks the saved config before reading any array (a changed
+experiment is refused, not mistaken for a corrupt checkpoint) and falls back past unreadable steps, saying so.
 """
 import logging
+import os
+import threading
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+# Test-only hook: the save of this step stops just before its commit (the rename), as if the process were
+# killed mid-write (see tests/test_reliability.py).
+BLOCK_COMMIT_ENV = 'IMMISCIBLE_JAX_TEST_BLOCK_COMMIT_AT_STEP'
+
+
+class _CommitBlockingPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic-rename step directory whose commit never happens for the step named in the env var."""
+
+  async def finalize(self):
+    if self.get_final().name == os.environ.get(BLOCK_COMMIT_ENV):
+      print(f'test hook: step {self.get_final().name} is written to {self.get()} and blocked before its '
+            'commit', flush=True)
+      threading.Event().wait()  # Until the test kills the process.
+    await super().finalize()
+
 
 def create_manager(workdir, ckpt_config, read_only=False):
+  blocking = os.environ.get(BLOCK_COMMIT_ENV) and not read_only
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_config.max_to_keep, create=not read_only, read_only=read_only,
       # Interval is decided by the trainer (it also saves on preemption and at the end).
-      save_interval_steps=1)
+      save_interval_steps=1,
+      # Partial steps of a killed run: remove them (they are never restored either way).
+      cleanup_tmp_directories=not read_only,
+      temporary_path_class=_CommitBlockingPath if blocking else None)
   return ocp.CheckpointManager(f'{workdir}/checkpoints', options=options,
                                item_names=('state', 'data_iter', 'meta'))
 
@@ -32,9 +55,11 @@ def read_meta(manager, step):
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
-def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warning):
+def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warning, check_meta=None):
   """Restores (step, state, meta) from `step`, or from the newest readable step when step is None.
 
+  check_meta(meta) runs on each candidate's meta before its arrays are read; what it raises propagates (a
+  config that changed the experiment must be refused, not skipped over as if the checkpoint were corrupt).
   Returns None when the manager holds no step. Raises RuntimeError when steps exist but none is readable:
   starting over must be an explicit decision (a fresh workdir), never a silent fallback.
   """
@@ -47,7 +72,15 @@ def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warn
     return None
   errors = []
   for candidate in steps:
-    args = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
+    try:
+      meta = read_meta(manager, candidate)
+    except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous step
+      errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:300]}')
+      log(f'checkpoint at step {candidate} is unreadable, trying an earlier one ({errors[-1]})')
+      continue
+    if check_meta is not None:
+      check_meta(meta)
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
@@ -56,7 +89,7 @@ def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warn
       errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:300]}')
       log(f'checkpoint at step {candidate} is unreadable, trying an earlier one ({errors[-1]})')
       continue
-    return candidate, restored['state'], restored['meta']
+    return candidate, restored['state'], meta
   raise RuntimeError(f'no readable checkpoint in {manager.directory}:\n  ' + '\n  '.join(errors) +
                      '\nMove the directory away to start from scratch.')
 

@@ -3,7 +3,7 @@
 The handler only sets a flag; the training loop asks `should_stop(step)` after each step. With one process the
 answer is the flag itself. With several, processes must stop at the *same* step (the checkpoint is collective),
 so every `sync_every` steps they all-gather their flags and stop together if any was signalled (one tiny host
-collective per interval: no per-step host sync).
+collective per interval: no per-step host sync). A second SIGINT (Ctrl-C again) aborts at once, unsaved.
 """
 import signal
 
@@ -21,6 +21,8 @@ class PreemptionFlag:
     self._previous = {}
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signalled and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # The user insists: leave without the checkpoint.
     self.signalled = True
 
   def install(self):
