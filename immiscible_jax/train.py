@@ -183,13 +183,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
   init = functools.partial(create_train_state, model=model, image_shape=image_shape, optimizer=optimizer,
                            recipe=tcfg.recipe)
   init_key = run_keys(config.seed)[0]
-  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), data_iter, log=writer.log)
+  # The saved config is checked before any array is read: a changed experiment is refused, not skipped.
+  check = lambda meta: config_checks.check_resume_compatible(meta['config'], config)
+  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), data_iter, log=writer.log,
+                                   check_meta=check)
   if restored is None:
     state = jax.jit(init)(init_key)
     writer.log(f'training from scratch in {workdir}')
   else:
     step, state, meta = restored
-    config_checks.check_resume_compatible(meta['config'], config)
     writer.log(f'resumed from step {step} in {workdir}')
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -214,10 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         scalars = summarize(pending, float(lr_fn(step - 1)))
         scalars['perf/images_per_sec'] = len(pending) * tcfg.batch_size / (time.time() - t0)
         writer.write(step, scalars)
-        pending, t0 = [], time.time()
+        first, pending, t0 = step - len(pending) + 1, [], time.time()  # first: the window's first step
         if not _is_finite(scalars):
           raise NonFiniteError(
-              f'non-finite loss or gradients between steps {step - tcfg.log_every_steps + 1} and {step} '
+              f'non-finite loss or gradients between steps {first} and {step} '
               f'(metrics written to metrics.jsonl); the last checkpoint, step {manager.latest_step()}, is '
               'untouched.')
       if evaluator is not None and (step % config.eval.every_steps == 0 or last):
