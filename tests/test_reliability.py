@@ -1,0 +1,255 @@
+"""Fault injection on the tiny config: SIGTERM, SIGKILL mid-commit, corrupt checkpoints, config drift, NaN.
+
+Signals and hooks go to `python -m immiscible_jax.main` subprocesses; references and resumes run in process.
+Every run shares one schedule (training.num_steps = 1000; the schedules depend on it) and leaves early, so a
+resumed run and the uninterrupted reference (module fixture, steps 0-12, checkpoints at 4, 8, 12) can be
+compared bit for bit. Bad input is in tests/test_validation.py.
+"""
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from immiscible_jax import checkpointing
+from immiscible_jax import models
+from immiscible_jax import preemption
+from immiscible_jax import train
+
+_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+_OVERRIDES = {'training.num_steps': 1000, 'training.log_every_steps': 2, 'checkpoint.every_steps': 4,
+              'checkpoint.max_to_keep': 10}
+_END = 12  # Every run here is compared at this step.
+# A subprocess that says nothing for this long is killed (and its test fails) instead of hanging the suite.
+_WATCHDOG_S = 300
+
+
+def _config(**extra):
+  config = tiny.get_config()
+  for key, value in {**_OVERRIDES, **extra}.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _start(workdir, **env):
+  """`python -m immiscible_jax.main` on the tiny config in a subprocess, stdout and stderr merged."""
+  flags = [f'--config.{k}={v}' for k, v in _OVERRIDES.items()]
+  full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
+              'JAX_COMPILATION_CACHE_DIR': os.path.join(_ROOT, '.cache', 'jax_compilation'),
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1', **env}
+  proc = subprocess.Popen([sys.executable, '-m', 'immiscible_jax.main', '--config=configs/tiny.py',
+                           f'--workdir={workdir}', *flags], cwd=_ROOT, env=full_env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  timer = threading.Timer(_WATCHDOG_S, proc.kill)
+  timer.daemon = True
+  timer.start()
+  return proc
+
+
+def _read_until(proc, pattern):
+  """Reads the subprocess's output line by line until `pattern` matches; returns (match, lines so far)."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    match = re.search(pattern, line)
+    if match:
+      return match, lines
+  raise AssertionError(f'{pattern!r} never appeared; output:\n' + ''.join(lines))
+
+
+def _abstract_state(config):
+  model = models.create_model(config.model, config.data.channels)
+  init = functools.partial(train.create_train_state, model=model, image_shape=(8, 8, 1),
+                           optimizer=train.create_optimizer(config.optim), recipe=config.training.recipe)
+  return jax.eval_shape(init, train.run_keys(config.seed)[0])
+
+
+def _steps(workdir):
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def _saved(workdir, step):
+  """The train state saved at `step`, as a list of numpy leaves (read with Orbax directly)."""
+  manager = checkpointing.create_manager(workdir, _config().checkpoint, read_only=True)
+  _, state, _ = checkpointing.restore(manager, _abstract_state(_config()), step=step)
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def _assert_identical(workdir, reference, step):
+  got, want = _saved(workdir, step), _saved(reference, step)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The uninterrupted run: steps 0-12 in process, checkpoints 4, 8 and 12."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  train.train_and_evaluate(_config(), workdir, stop_at_step=_END)
+  assert _steps(workdir) == [4, 8, 12]
+  return workdir
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_identically(reference, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  proc = _start(workdir)
+  _read_until(proc, r'^step \d+/1000 ')  # Training has made progress (a metrics line).
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  saved = re.findall(r'^preempted: saved step (\d+) to (\S+); exiting$', out, re.MULTILINE)
+  assert len(saved) == 1, out
+  step, where = int(saved[0][0]), saved[0][1]
+  assert where == os.path.join(workdir, 'checkpoints')
+  assert 2 <= step < _END, out  # The signal came after the first metrics line, long before step 12.
+  assert _steps(workdir)[-1] == step and os.path.exists(os.path.join(where, str(step), 'commit_success.txt'))
+  assert 'Traceback' not in out
+  capsys.readouterr()
+  train.train_and_evaluate(_config(), workdir, stop_at_step=_END)
+  assert f'resumed from step {step} in {workdir}' in capsys.readouterr().out
+  _assert_identical(workdir, reference, _END)
+
+
+def test_sigkill_during_a_checkpoint_commit_resumes_from_the_previous_step(reference, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  proc = _start(workdir, **{checkpointing.BLOCK_COMMIT_ENV: '8'})
+  match, _ = _read_until(proc, r'test hook: step 8 is written to (\S+) and blocked before its commit')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  # The window really is open: step 8's data sits in its temporary directory, its final directory is absent.
+  assert match.group(1) == os.path.join(ckpt_dir, '8.orbax-checkpoint-tmp')
+  assert os.path.isdir(match.group(1)) and not os.path.exists(os.path.join(ckpt_dir, '8'))
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert _steps(workdir) == [4] and os.path.isdir(os.path.join(ckpt_dir, '8.orbax-checkpoint-tmp'))
+  capsys.readouterr()
+  train.train_and_evaluate(_config(), workdir, stop_at_step=_END)
+  assert f'resumed from step 4 in {workdir}' in capsys.readouterr().out
+  assert _steps(workdir) == [4, 8, 12]
+  assert not os.path.exists(os.path.join(ckpt_dir, '8.orbax-checkpoint-tmp'))  # The partial step is gone.
+  _assert_identical(workdir, reference, 8)
+  _assert_identical(workdir, reference, _END)
+
+
+def _truncate_files(step_dir):
+  for folder, _, files in os.walk(os.path.join(step_dir, 'state')):
+    for name in files:
+      if name != 'commit_success.txt':
+        path = os.path.join(folder, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_arrays(step_dir):
+  shutil.rmtree(os.path.join(step_dir, 'state', 'ocdbt.process_0'))
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+@pytest.mark.parametrize('corrupt', [_truncate_files, _delete_arrays, _empty], ids=lambda f: f.__name__[1:])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(reference, tmp_path, corrupt):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  corrupt(os.path.join(workdir, 'checkpoints', '12'))
+  manager = checkpointing.create_manager(workdir, _config().checkpoint)
+  messages = []
+  step, state, _ = checkpointing.restore(manager, _abstract_state(_config()), log=messages.append)
+  assert step == 8 and int(state.step) == 8
+  assert len(messages) == 1 and messages[0].startswith('checkpoint at step 12 is unreadable, trying an earlier')
+  for a, b in zip(jax.tree_util.tree_leaves(state), _saved(reference, 8)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  for step in (4, 8, 12):
+    _truncate_files(os.path.join(workdir, 'checkpoints', str(step)))
+  with pytest.raises(RuntimeError, match=r'no readable checkpoint in .*checkpoints:\n  step 12: .*\n  step 8: '
+                                         r'.*\n  step 4: .*\nMove the directory away to start from scratch'):
+    train.train_and_evaluate(_config(), workdir)
+  assert _steps(workdir) == [4, 8, 12]  # Nothing was written over them.
+
+
+def test_config_drift_is_refused_with_the_differing_keys(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  base = _config()
+  # The recipe and ch_mult change the state's tree structure, nf only its shapes, the batch size neither: each
+  # is named, and none is mistaken for a corrupt checkpoint.
+  changes = {'training.recipe': {'ct': 'ict', 'ict': 'ct'}[base.training.recipe],
+             'model.nf': 2 * base.model.nf, 'model.ch_mult': (*base.model.ch_mult, 2),
+             'training.batch_size': 2 * base.training.batch_size}
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(_config(**changes, **{'training.log_every_steps': 3}), workdir)
+  message = str(err.value)
+  assert message.startswith('cannot resume: the workdir holds a run whose config differs')
+  for key, now in changes.items():
+    saved = base[key.split('.')[0]][key.split('.')[1]]
+    saved = list(saved) if isinstance(saved, tuple) else saved  # The saved config went through JSON.
+    assert f'  {key}: saved {saved!r}, now {now!r}\n' in message
+  assert 'log_every_steps' not in message and 'unreadable' not in message
+  assert _steps(workdir) == [4, 8, 12]
+
+
+def test_harmless_config_changes_resume(reference, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  capsys.readouterr()
+  final = train.train_and_evaluate(_config(**{'training.num_steps': 13, 'training.log_every_steps': 1}), workdir)
+  assert f'resumed from step 12 in {workdir}' in capsys.readouterr().out
+  assert int(final.step) == 13 and _steps(workdir) == [4, 8, 12, 13]
+  assert json.loads(open(os.path.join(workdir, 'done.json')).read()) == {'step': 13}
+
+
+def test_nan_loss_stops_with_the_step_window_and_leaves_checkpoints_intact(reference, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  # The update from step 9 to 10 gets a NaN loss; steps 9-10 are one logging window (every 2 steps).
+  monkeypatch.setenv('IMMISCIBLE_JAX_TEST_NAN_AT_STEP', '9')
+  with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradients between steps 9 and 10 '
+                                                 r'.*the last checkpoint, step 8, is untouched'):
+    train.train_and_evaluate(_config(), workdir)
+  assert _steps(workdir) == [4, 8]  # Nothing at or after the NaN.
+  _assert_identical(workdir, reference, 8)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [2, 4, 6, 8, 10]
+  assert all(np.isfinite(r['train/loss']) for r in rows[:-1]) and np.isnan(rows[-1]['train/loss'])
+
+
+def test_second_sigint_aborts_at_once():
+  previous = signal.getsignal(signal.SIGINT)
+  flag = preemption.install()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert flag.signalled and flag.should_stop(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    flag.uninstall()
+  assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_processes_agree_on_the_stop_step(monkeypatch):
+  """Two processes, only the second signalled: both stop at the next sync step, neither before it."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = [preemption.PreemptionFlag(sync_every=5), preemption.PreemptionFlag(sync_every=5)]
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  # Stands in for the all-gather: every process sees every process's flag.
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda x: np.stack([np.array([f.signalled], np.int32) for f in flags]))
+  flags[1].signalled = True
+  answers = [[f.should_stop(step) for f in flags] for step in range(1, 11)]
+  assert answers == [[False, False]] * 4 + [[True, True]] + [[False, False]] * 4 + [[True, True]]
