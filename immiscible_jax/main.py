@@ -10,6 +10,7 @@ jax.distributed.initialize(); on TPU VMs and SLURM it finds its peers itself, el
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
 import os
+import sys
 import warnings
 
 from absl import app
@@ -58,5 +59,22 @@ def main(argv):
     evaluators.evaluate(config, FLAGS.workdir, FLAGS.step, FLAGS.samples)
 
 
+def _parse_flags(argv):
+  """absl's parser, except that a misspelt --config.KEY ends in one line, not ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: KeyError("'nf'\nDid you mean ..."), maybe wrapped.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else ''
+    name = text.split("'")[1] if text.startswith("'") else None
+    culprits = [a.split('=')[0] for a in argv[1:]
+                if name and a.startswith('--config.') and f'.{name}' in a.split('=')[0]]
+    if not culprits:
+      raise
+    sys.exit(f'FATAL Flags parsing error: unknown config key in {" ".join(culprits)}. {text.splitlines()[-1]} '
+             '(configs/default.py lists every key)')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
