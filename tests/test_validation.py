@@ -1,0 +1,172 @@
+"""Bad input fails fast: through the trainer and the command line, one error naming the key or file, and
+nothing compiled before it.
+
+tests/test_configs.py checks config_checks.validate on its own; these go through train_and_evaluate (and main's
+flag parsing) and watch JAX's compile events, so a check that ran only after the first compilation would fail.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny
+from immiscible_jax import train
+
+_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+# Lowering a function to MLIR and compiling it: neither may happen before a bad input is reported.
+_COMPILE_EVENTS = ('/jax/core/compile/jaxpr_to_mlir_module_duration', '/jax/core/compile/backend_compile_duration')
+
+
+@pytest.fixture
+def compilations():
+  """Names of the functions JAX lowers or compiles while the test runs."""
+  seen = []
+
+  def listener(event, duration, **kwargs):  # pylint: disable=unused-argument
+    if event in _COMPILE_EVENTS:
+      seen.append(kwargs.get('fun_name', event))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield seen
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('IMMISCIBLE_JAX_CACHE', str(tmp_path / 'cache'))  # Decoded folders never go to ~/.cache.
+
+
+def test_the_compile_watch_sees_a_compilation(compilations):
+  jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))
+  assert compilations
+
+
+def _set(config, key, value):
+  section, name = key.split('.')
+  with config.unlocked():
+    config[section][name] = value
+
+
+def _with_type(key, value):
+  """The tiny config with `key` holding a value of another type (ml_collections refuses that on assignment,
+  so such a config comes from a file that builds its dicts by hand)."""
+  raw = tiny.get_config().to_dict()
+  section, name = key.split('.')
+  raw[section][name] = value
+  return ml_collections.ConfigDict(raw)
+
+
+def _config(**overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  return config
+
+
+def _unknown_key():
+  config = tiny.get_config()
+  _set(config, 'training.num_stepz', 5)
+  return config
+
+
+@pytest.mark.parametrize('make,message', [
+    (_unknown_key, r"unknown config keys: \['training.num_stepz'\]"),
+    (lambda: _with_type('training.num_steps', '12'), r"training.num_steps must be of type int .*got '12' of type str"),
+    (lambda: _with_type('model.ch_mult', 2), r'model.ch_mult must be of type tuple'),
+    (lambda: _with_type('data.random_flip', 1), r'data.random_flip must be of type bool'),
+    (lambda: _config(**{'training.batch_size': 20}),
+     r'training.batch_size \(20\) must be divisible by the number of devices \(8\)'),
+    (lambda: _config(**{'training.sigma_min': 80.0}),
+     r'need 0 < training.sigma_min < training.sigma_max, got 80.0 and 80.0'),
+    (lambda: _config(**{'assignment.method': 'knn', 'assignment.knn_k': 0}), r'assignment.knn_k'),
+    (lambda: _config(**{'training.num_steps': -3}), r'training.num_steps must be positive, got -3'),
+    (lambda: _config(**{'training.log_every_steps': 0}), r'training.log_every_steps must be positive, got 0'),
+    (lambda: _config(**{'checkpoint.every_steps': -4}), r'checkpoint.every_steps must be positive, got -4'),
+    (lambda: _config(**{'eval.every_steps': -1}), r'eval.every_steps must be an integer >= 0, got -1'),
+], ids=['unknown_key', 'str_for_int', 'int_for_tuple', 'int_for_bool', 'batch_vs_devices', 'sigma_min_eq_max',
+        'knn_k_0', 'num_steps_negative', 'log_every_0', 'checkpoint_every_negative', 'eval_every_negative'])
+def test_bad_config_fails_before_compiling(make, message, tmp_path, compilations):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(make(), str(tmp_path / 'run'))
+  assert not compilations
+  assert not os.path.exists(tmp_path / 'run')  # Nothing was started, not even the workdir.
+
+
+def _png(path, size=8, mode='L'):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  shape = (size, size) if mode == 'L' else (size, size, 3)
+  Image.fromarray(np.arange(np.prod(shape), dtype=np.uint8).reshape(shape), mode).save(path)
+
+
+def _folder(root, bad=None):
+  """root/train/{a,b}/0..3.png, 8x8 grayscale, plus one bad file: (relative path, writer)."""
+  for label in 'ab':
+    for i in range(4):
+      _png(os.path.join(root, 'train', label, f'{i}.png'))
+  if bad is not None:
+    relpath, write = bad
+    write(os.path.join(root, relpath))
+  return root
+
+
+def _truncated_png(path):
+  _png(path)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _text(path):
+  with open(path, 'w') as f:
+    f.write('not an image')
+
+
+@pytest.mark.parametrize('layout,message', [
+    (lambda root: os.path.join(root, 'missing'), r"data.path='.*missing' does not exist"),
+    (lambda root: _folder(root, ('train/a/9.png', _truncated_png)), r'train/a/9.png: not a readable image'),
+    (lambda root: _folder(root, ('train/a/9.png', _text)), r'train/a/9.png: not a readable image'),
+    (lambda root: _folder(root, ('train/b/notes.txt', _text)), r'train/b/notes.txt: not an image file'),
+    (lambda root: _folder(root, ('train/b/big.png', lambda p: _png(p, size=16))),
+     r'train/b/big.png: image is 16x16, but data.image_size=8'),
+    (lambda root: _folder(root, ('train/b/rgb.png', lambda p: _png(p, mode='RGB'))),
+     r'train/b/rgb.png: image has 3 channel\(s\) \(mode RGB\), but data.channels=1'),
+    (lambda root: os.makedirs(os.path.join(root, 'train', 'a')) or root, r'no images found'),
+    (lambda root: _folder(root, ('test/a/0.png', _png)) and os.path.join(root, 'test', 'a', '0.png'),
+     r'data.path=.*0.png.* is neither a folder nor a'),
+], ids=['missing_path', 'truncated_png', 'text_named_png', 'non_image_file', 'wrong_size', 'wrong_channels',
+        'empty', 'path_is_a_file'])
+def test_bad_image_folder_fails_before_compiling(layout, message, tmp_path, compilations):
+  path = layout(str(tmp_path / 'data'))
+  config = _config(**{'data.dataset': 'folder', 'data.path': path})
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not compilations
+
+
+def _main(*flags):
+  return subprocess.run([sys.executable, '-m', 'immiscible_jax.main', '--config=configs/tiny.py', *flags],
+                        cwd=_ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.training.num_stepz=5', 'FATAL Flags parsing error: unknown config key in '
+                                      '--config.training.num_stepz. Did you mean "num_steps" instead of "num_stepz"?'),
+    ('--config.training.num_steps=ten', "FATAL Flags parsing error: flag --config.training.num_steps=ten: invalid "
+                                        "literal for int() with base 10: 'ten'"),
+])
+def test_bad_command_line_override_is_one_line(flag, message, tmp_path):
+  done = _main(f'--workdir={tmp_path / "run"}', flag)
+  assert done.returncode == 1
+  assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_bad_value_from_the_command_line_names_its_key(tmp_path):
+  done = _main(f'--workdir={tmp_path / "run"}', '--config.training.sigma_min=90.0')
+  assert done.returncode == 1
+  assert 'need 0 < training.sigma_min < training.sigma_max, got 90.0 and 80.0' in done.stderr
+  assert not os.path.exists(tmp_path / 'run')
