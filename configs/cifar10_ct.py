@@ -28,6 +28,9 @@ def get_config():
   config.model.embedding_type = 'fourier'
   config.model.fourier_scale = 16.0
   config.model.dropout = 0.0
+  config.model.fir = True
+  config.model.fir_kernel = (1, 3, 3, 1)
+  config.model.progressive_input = 'residual'
 
   config.training.recipe = 'ct'
   config.training.batch_size = 512
