@@ -50,13 +50,16 @@ def main(argv):
   from immiscible_jax import config_checks, evaluators, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   config_checks.validate(config)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  # Orbax wants absolute paths; leave URLs such as gs://bucket/run alone.
+  workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+  if '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'sample':
-    evaluators.sample_from_checkpoint(config, FLAGS.workdir, FLAGS.step)
+    evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:
-    evaluators.evaluate(config, FLAGS.workdir, FLAGS.step, FLAGS.samples)
+    evaluators.evaluate(config, workdir, FLAGS.step, FLAGS.samples)
 
 
 def _parse_flags(argv):
