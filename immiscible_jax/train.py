@@ -226,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         writer.write(step, evaluator(p_state, step))
         t0 = time.time()
       if save_now:
+        manager.check_for_errors()  # a failed background save must stop the run, not pass unnoticed
         checkpointing.save(manager, step, checkpointing.host_state(p_state), data_iter, meta)
       if preempted:
         manager.wait_until_finished()
