@@ -18,14 +18,14 @@ def get_config():
   config.training.s0 = 10
   config.training.s1 = 80
   config.training.batch_size = 64
-  config.training.num_steps = 1500
+  config.training.num_steps = 1200
   config.training.log_every_steps = 100
   config.training.ema_rate = 0.995
   config.optim.learning_rate = 1e-3
   config.assignment.method = 'hungarian'
-  config.eval.every_steps = 500
+  config.eval.every_steps = 400
   config.eval.num_samples = 1000
   config.eval.reference_num_images = 1797
-  config.checkpoint.every_steps = 500
+  config.checkpoint.every_steps = 400
   config.sampling.num_samples = 100
   return config
