@@ -159,7 +159,19 @@ def _empty(step_dir):
   os.mkdir(step_dir)
 
 
-@pytest.mark.parametrize('corrupt', [_truncate_files, _delete_arrays, _empty], ids=lambda f: f.__name__[1:])
+def _flip_bytes(step_dir):
+  """Inverts 16 bytes in the middle of the largest array file: Orbax itself reads that back without error."""
+  folder = os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd')
+  path = max((os.path.join(folder, n) for n in os.listdir(folder)), key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    chunk = f.read(16)
+    f.seek(-len(chunk), os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+@pytest.mark.parametrize('corrupt', [_truncate_files, _delete_arrays, _empty, _flip_bytes],
+                         ids=lambda f: f.__name__[1:])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(reference, tmp_path, corrupt):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)

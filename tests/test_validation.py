@@ -76,7 +76,8 @@ def _unknown_key():
 
 @pytest.mark.parametrize('make,message', [
     (_unknown_key, r"unknown config keys: \['training.num_stepz'\]"),
-    (lambda: _with_type('training.num_steps', '12'), r"training.num_steps must be of type int .*got '12' of type str"),
+    (lambda: _with_type('training.num_steps', '12'),
+     r"training.num_steps must be of type int .*got '12' of type str"),
     (lambda: _with_type('model.ch_mult', 2), r'model.ch_mult must be of type tuple'),
     (lambda: _with_type('data.random_flip', 1), r'data.random_flip must be of type bool'),
     (lambda: _config(**{'training.batch_size': 20}),
@@ -153,8 +154,9 @@ def _main(*flags):
 
 
 @pytest.mark.parametrize('flag,message', [
-    ('--config.training.num_stepz=5', 'FATAL Flags parsing error: unknown config key in '
-                                      '--config.training.num_stepz. Did you mean "num_steps" instead of "num_stepz"?'),
+    ('--config.training.num_stepz=5',
+     'FATAL Flags parsing error: unknown config key in --config.training.num_stepz. '
+     'Did you mean "num_steps" instead of "num_stepz"?'),
     ('--config.training.num_steps=ten', "FATAL Flags parsing error: flag --config.training.num_steps=ten: invalid "
                                         "literal for int() with base 10: 'ten'"),
 ])
