@@ -115,6 +115,9 @@ def check_resume_compatible(saved, config):
   norm = lambda v: list(v) if isinstance(v, tuple) else v
   differing = sorted(k for k in set(old) | set(new)
                      if k.startswith(_RESUME_FIXED) and norm(old.get(k)) != norm(new.get(k)))
+  # Switching clipping on or off adds or removes a stage of the optimizer state (its value alone is harmless).
+  if (old.get('optim.grad_clip', 0) > 0) != (new.get('optim.grad_clip', 0) > 0):
+    differing = sorted(differing + ['optim.grad_clip'])
   if differing:
     lines = '\n'.join(f'  {k}: saved {old.get(k)!r}, now {new.get(k)!r}' for k in differing)
     raise ValueError('cannot resume: the workdir holds a run whose config differs in keys that change the '
