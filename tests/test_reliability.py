@@ -200,11 +200,12 @@ def test_config_drift_is_refused_with_the_differing_keys(reference, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
   base = _config()
-  # The recipe and ch_mult change the state's tree structure, nf only its shapes, the batch size neither: each
-  # is named, and none is mistaken for a corrupt checkpoint.
+  # The recipe, ch_mult and clipping on/off change the state's tree structure, nf only its shapes, the batch
+  # size neither: each is named, and none is mistaken for a corrupt checkpoint.
   changes = {'training.recipe': {'ct': 'ict', 'ict': 'ct'}[base.training.recipe],
              'model.nf': 2 * base.model.nf, 'model.ch_mult': (*base.model.ch_mult, 2),
-             'training.batch_size': 2 * base.training.batch_size}
+             'training.batch_size': 2 * base.training.batch_size,
+             'optim.grad_clip': 0.0 if base.optim.grad_clip > 0 else 1.0}
   with pytest.raises(ValueError) as err:
     train.train_and_evaluate(_config(**changes, **{'training.log_every_steps': 3}), workdir)
   message = str(err.value)
