@@ -53,7 +53,7 @@ def load_images(path, count, seed=0):
           taken[parts[1]] = taken.get(parts[1], 0) + 1
           data = archive.extractfile(member).read()
           images.append(np.asarray(Image.open(io.BytesIO(data)).convert('RGB')))
-    source = f'CIFAR-10 train JPEGs ({path})'
+    source = f'CIFAR-10 train JPEGs ({os.path.relpath(path, ROOT)})'
     images = np.stack(images).astype(np.float32) / 127.5 - 1.0
   else:
     # Ten labelled classes: a smooth class template (4x4 upsampled) plus a per-image variation.
