@@ -20,7 +20,12 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
+    torn = os.path.exists(path) and os.path.getsize(path) > 0 and open(path, 'rb').read()[-1:] != b'\n'
+    self._jsonl = open(path, 'a')
+    if torn:
+      self._jsonl.write('\n')
     try:
       from tensorboardX import SummaryWriter  # optional at import time; listed in requirements
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))

@@ -30,10 +30,12 @@ def read_series(path, metric):
   """[(step, value), ...] by step from a metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
   values = {}
   for line in epath.Path(path).read_text().splitlines():
-    if line.strip():
-      row = json.loads(line)
-      if metric in row and row[metric] is not None:
-        values[int(row['step'])] = float(row[metric])
+    try:
+      row = json.loads(line) if line.strip() else {}
+    except json.JSONDecodeError:  # a line cut short by a hard kill; the resumed run logs that step again
+      continue
+    if metric in row and row[metric] is not None:
+      values[int(row['step'])] = float(row[metric])
   return sorted(values.items())
 
 
