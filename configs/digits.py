@@ -3,10 +3,10 @@
   python -m immiscible_jax.main --config=configs/digits.py --workdir=workdirs/demo
 Runs in a few minutes on 2 CPU cores; one-step samples should be recognisable digits. The metric logged during
 training is the Frechet distance on raw pixels (64 dims), weight-free.
-iCT rather than CT: on runs this short, CT's target EMA and fast-growing N(k) leave the one-step samples grey
-(measured once here, same data, model with FIR and input pyramid on, pixel FD: CT with s1=150 11.1 after 1000 steps; CT with s1=20 4.0
-and iCT with s1=80 1.6 after 400 steps). The curriculum is capped at s1 = 80 for the same reason: 1280 levels
-need far more steps than a demo has.
+iCT rather than CT: on runs this short, CT's target EMA and fast-growing N(k) leave the one-step samples grey.
+Measured once here (same data; model with FIR and input pyramid on), pixel FD: CT with s1=150, 11.1 after 1000
+steps; CT with s1=20, 4.0 after 400 steps; iCT with s1=80, 1.6 after 400 steps. The curriculum is capped at
+s1 = 80 for the same reason: 1280 levels need far more steps than a demo has.
 """
 from configs import default
 
