@@ -124,3 +124,16 @@ def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys
   config.sampling.seed = 2
   other = evaluators._generate_from_checkpoint(config, workdir, None, 20)[1]  # pylint: disable=protected-access
   assert np.any(other != images)
+
+
+def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_path):
+  config, workdir, _ = trained_run
+  fresh = evaluators.evaluate(config, workdir)
+  assert fresh['step'] == 300 and fresh['num_samples'] == config.eval.num_samples
+  assert np.isfinite(fresh['eval/fd_pixels']) and fresh['eval/fd_pixels'] > 0
+  assert json.load(open(os.path.join(workdir, 'eval_300.json')))['eval/fd_pixels'] == fresh['eval/fd_pixels']
+  # The reference images themselves, saved as a sample archive, are at distance ~0 from their own statistics.
+  real = data.load_images(config.data, config.eval.reference_split, config.eval.reference_num_images)
+  path = sampling.save_samples(real, str(tmp_path / 'real'))[0]
+  scored = evaluators.evaluate(config, workdir, samples_path=path)
+  assert scored['eval/fd_pixels'] < 1e-6 < fresh['eval/fd_pixels']
