@@ -112,6 +112,18 @@ def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warn
                      '\nMove the directory away to start from scratch.')
 
 
+def _first_replica(x):
+  # This process's first shard, copied to the host. `x[0]` would run a gather program whose collective spans
+  # the local devices: one launch per leaf, and with several processes on CPU it deadlocked against the
+  # other process's save barrier.
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+  return np.asarray(x)[0]
+
+
 def host_state(replicated_state):
-  """The first replica of a pmap-replicated state, as host numpy arrays (what every process saves)."""
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], replicated_state))
+  """The first replica of a pmap-replicated state, as host numpy arrays (what every process saves).
+
+  A local read, no device computation: after the step's pmean every replica is equal, in every process.
+  """
+  return jax.tree_util.tree_map(_first_replica, replicated_state)

@@ -39,6 +39,14 @@ def _maybe_initialize_distributed():
                   num_processes=int(os.environ['JAX_NUM_PROCESSES']),
                   process_id=int(os.environ['JAX_PROCESS_ID']))
   jax.distributed.initialize(**kwargs)
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    # CPU collectives (gloo) connect a group of devices at its first collective and wait only 30 s there for
+    # the other processes. The first train step can start further apart: on CPU the compilation cache key
+    # differs per process and only process 0 writes the cache, so process 0 loads the step while the others
+    # compile it. Connect all devices now, while the processes are in step; later collectives wait longer.
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    ones = np.ones(jax.local_device_count(), np.float32)
+    jax.block_until_ready(jax.pmap(lambda x: jax.lax.psum(x, 'all'), axis_name='all')(ones))
 
 
 def main(argv):

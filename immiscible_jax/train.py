@@ -147,7 +147,7 @@ def shard_batch(batch, num_devices=None):
 
 def summarize(metric_list, lr):
   """Averages the per-step metrics since the last log; adds the derived assignment reduction."""
-  host = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for m in metric_list])
+  host = [checkpointing.host_state(m) for m in metric_list]  # local reads, as for the state
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   before, after = mean['assignment/distance_before'], mean['assignment/distance_after']
   mean['assignment/reduction_pct'] = 100.0 * (before - after) / before if before > 0 else 0.0
