@@ -1,0 +1,178 @@
+"""Two processes on this host, joined by jax.distributed with 4 forced CPU devices each, train the tiny config.
+
+What only several processes can break: every process must end with the same parameters, the 'global' noise
+assignment must solve one problem over all processes' devices, the checkpoint that process 0 writes must
+restore in every process (state and each process's own data-iterator position), and only process 0 may write
+metrics. The processes are started by launch.multiprocess (its environment, output prefixes and failure
+handling) and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
+
+  python tests/test_multihost.py WORKDIR OUT_DIR     (with the launcher's environment)
+"""
+import faulthandler
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES, CPU_DEVICES = 2, 4
+NUM_STEPS, CKPT_EVERY, LOG_EVERY = 6, 3, 2
+# The assignment check's global batch: 2 rows per device over all 8 devices, digits-sized rows.
+ASSIGN_ROWS, ROW_SHAPE = 16, (8, 8, 1)
+# A hung collective must fail the test, not stall the suite: a process still running after this long prints its
+# Python stacks and exits 1, and the launcher then stops the other one.
+PROCESS_TIMEOUT_S = 420
+
+
+def _config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.training.num_steps = NUM_STEPS
+  config.training.log_every_steps = LOG_EVERY
+  config.checkpoint.every_steps = CKPT_EVERY
+  config.assignment.method = 'hungarian'
+  config.assignment.scope = 'global'
+  return config
+
+
+def _assignment_problem():
+  rng = np.random.RandomState(0)
+  images = rng.uniform(-1.0, 1.0, (ASSIGN_ROWS, *ROW_SHAPE)).astype(np.float32)
+  noise = rng.standard_normal((ASSIGN_ROWS, *ROW_SHAPE)).astype(np.float32)
+  return images, noise
+
+
+def _named_leaves(prefix, tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {f'{prefix}{jax.tree_util.keystr(path)}': np.asarray(leaf) for path, leaf in leaves}
+
+
+def drive(workdir, out_dir):
+  """One process's part: train, restore the last checkpoint, run the global assignment alone; save to out_dir."""
+  faulthandler.dump_traceback_later(PROCESS_TIMEOUT_S, exit=True)
+  from immiscible_jax import main as entry  # pylint: disable=g-import-not-at-top
+  entry._maybe_initialize_distributed()  # pylint: disable=protected-access  # the trainer's own set-up
+  import jax  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import assignment, checkpointing, data, train  # pylint: disable=g-import-not-at-top
+
+  config = _config()
+  final = train.train_and_evaluate(config, workdir)
+  # Restore: the state written by process 0 alone, and this process's own iterator position.
+  manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), final)
+  new_iterator = lambda: data.create_train_iterator(config.data, config.training.batch_size, config.seed)
+  data_iter = new_iterator()
+  checkpoint_step, restored, _ = checkpointing.restore(manager, abstract, data_iter, step=NUM_STEPS)
+  uninterrupted = new_iterator()
+  for _ in range(NUM_STEPS):
+    next(uninterrupted)
+
+  # The assignment alone, on a known global batch: this process feeds the rows of its own devices.
+  cfg = config.assignment.copy_and_resolve_references()
+  cfg.dtype = 'float32'  # the reference solve sees the same costs
+  images, noise = _assignment_problem()
+  n_local, rows = jax.local_device_count(), ASSIGN_ROWS // jax.device_count()
+  mine = slice(jax.process_index() * n_local * rows, (jax.process_index() + 1) * n_local * rows)
+  local = lambda x: x[mine].reshape(n_local, rows, *ROW_SHAPE)
+
+  def assign(x, n):
+    out, _ = assignment.assign_noise(x, n, jax.random.key(0), cfg, axis_name=train.AXIS)
+    return out, jax.lax.axis_index(train.AXIS)
+
+  assigned, axis_index = jax.device_get(jax.pmap(assign, axis_name=train.AXIS)(local(images), local(noise)))
+  np.savez(os.path.join(out_dir, f'process_{jax.process_index()}.npz'),
+           process_count=jax.process_count(), device_count=jax.device_count(), checkpoint_step=checkpoint_step,
+           assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
+           next_batch=next(data_iter)['image'], uninterrupted_next_batch=next(uninterrupted)['image'],
+           **_named_leaves('final', final), **_named_leaves('restored', restored))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  from launch import multiprocess  # pylint: disable=g-import-not-at-top
+  workdir, out_dir = tmp_path_factory.mktemp('workdir'), tmp_path_factory.mktemp('out')
+  argv = [sys.executable, os.path.abspath(__file__), str(workdir), str(out_dir)]
+  commands = multiprocess.process_commands(argv, NUM_PROCESSES, multiprocess.free_port(), CPU_DEVICES)
+  cache = os.path.join(ROOT, '.cache', 'jax_compilation')
+  for command in commands:
+    command.env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  log = io.StringIO()
+  statuses = multiprocess.run_processes(commands, log)
+  (out_dir / 'output.txt').write_text(log.getvalue())
+  quiet = '\n'.join(line for line in log.getvalue().splitlines() if '[Gloo]' not in line)  # one per device
+  assert statuses == [0] * NUM_PROCESSES, f'statuses {statuses}; output:\n{quiet[-12000:]}'
+  results = [dict(np.load(out_dir / f'process_{i}.npz')) for i in range(NUM_PROCESSES)]
+  return workdir, results, log.getvalue()
+
+
+def _prefixed(result, prefix):
+  return {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+
+
+def test_processes_form_one_pmap_axis_in_process_order(run):
+  _, results, _ = run
+  for i, result in enumerate(results):
+    assert result['process_count'] == NUM_PROCESSES
+    assert result['device_count'] == NUM_PROCESSES * CPU_DEVICES
+    # train.py's global example index assumes process i holds the i-th block of the pmap axis.
+    np.testing.assert_array_equal(result['axis_index'], np.arange(i * CPU_DEVICES, (i + 1) * CPU_DEVICES))
+
+
+def test_processes_end_with_identical_trained_parameters(run):
+  _, (first, second), _ = run
+  final0, final1 = _prefixed(first, 'final'), _prefixed(second, 'final')
+  assert final0.keys() == final1.keys() and len(final0) > 10
+  for name in final0:  # each process trained on its own half of every batch
+    np.testing.assert_array_equal(final0[name], final1[name], err_msg=name)
+  assert int(final0['.step']) == NUM_STEPS
+  # The EMA started at the initial parameters and lags: unequal means the parameters moved.
+  params = [k for k in final0 if k.startswith('.params')]
+  assert any(not np.array_equal(final0[k], final0['.ema_params' + k[len('.params'):]]) for k in params)
+
+
+def test_global_assignment_is_the_optimal_permutation_of_the_global_batch(run):
+  _, results, _ = run
+  images, noise = _assignment_problem()
+  assigned = np.concatenate([r['assigned'] for r in results])  # process order = global row order
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float64)
+  cost = ((flat(images)[:, None, :] - flat(noise)[None, :, :]) ** 2).sum(-1)
+  rows, cols = linear_sum_assignment(cost)
+  np.testing.assert_array_equal(rows, np.arange(ASSIGN_ROWS))
+  np.testing.assert_array_equal(assigned, noise[cols])  # one permutation of the whole batch, the optimal one
+  half = ASSIGN_ROWS // NUM_PROCESSES
+  assert (cols[:half] >= half).any() and (cols[half:] < half).any()  # noise crossed between processes
+  assert cost[rows, cols].sum() < np.trace(cost)
+
+
+def test_checkpoint_restores_state_and_each_process_data_position(run):
+  workdir, results, _ = run
+  for result in results:
+    assert int(result['checkpoint_step']) == NUM_STEPS
+    final, restored = _prefixed(result, 'final'), _prefixed(result, 'restored')
+    assert final.keys() == restored.keys()
+    for name in final:  # written by process 0 alone, read back by each process
+      np.testing.assert_array_equal(restored[name], final[name], err_msg=name)
+    np.testing.assert_array_equal(result['next_batch'], result['uninterrupted_next_batch'])
+  assert not np.array_equal(results[0]['next_batch'], results[1]['next_batch'])  # each restored its own shard
+  steps = sorted(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  assert steps == list(range(CKPT_EVERY, NUM_STEPS + 1, CKPT_EVERY))
+  assert json.loads((workdir / 'done.json').read_text()) == {'step': NUM_STEPS}
+
+
+def test_only_process_zero_writes_metrics(run):
+  workdir, _, log = run
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  logged = set(range(LOG_EVERY, NUM_STEPS + 1, LOG_EVERY)) | set(range(CKPT_EVERY, NUM_STEPS + 1, CKPT_EVERY))
+  assert [line['step'] for line in lines] == sorted(logged)  # each step once: one writer
+  assert all(np.isfinite(line['train/loss']) for line in lines)
+  assert '[proc 0] step ' in log and '[proc 1] step ' not in log
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, ROOT)  # `from configs import ...` and the package, from any working directory
+  drive(*sys.argv[1:])
