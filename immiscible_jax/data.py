@@ -6,6 +6,10 @@ Sources (config key `data.dataset`):
   cifar10  `tfds.data_source('cifar10')`: prepared array_record files read without TensorFlow.
   folder   PNG/JPEG files in a folder or .tar.gz (see image_folder.py), decoded once and cached.
 
+`data.image_size` may be smaller than the stored images (digits 8, CIFAR-10 32, a folder's own size) when it
+divides the stored size: each (stored / image_size)^2 block is averaged (area downsampling, rounded half up to
+uint8), for training batches and reference images alike. So CIFAR-10 at 16x16 or 8x8 needs no converted copy.
+
 Training batches come from a grain DataLoader: endless, reshuffled every epoch from the seed, optional random
 horizontal flips (grain RandomMap, so deterministic given the seed). The sampler shuffles all records; the
 DataLoader deals record k of that stream to process k % process_count, so at every step the processes hold
@@ -19,8 +23,8 @@ import numpy as np
 from immiscible_jax import image_folder
 
 DATASETS = ('digits', 'cifar10', 'folder')
-# Datasets whose images have one fixed (image_size, channels).
-_FIXED_SHAPES = {'digits': (8, 1), 'cifar10': (32, 3)}
+# Datasets whose stored images have one fixed (size, channels).
+_STORED_SHAPES = {'digits': (8, 1), 'cifar10': (32, 3)}
 _DIGITS_SPLITS = ('train', 'test')
 
 
@@ -33,10 +37,12 @@ def validate_config(data_config):
     raise ValueError(f'data.channels={channels!r}; allowed: 1 (grayscale) or 3 (RGB).')
   if not isinstance(size, int) or size <= 0:
     raise ValueError(f'data.image_size={size!r}; must be a positive integer.')
-  if dataset in _FIXED_SHAPES and (size, channels) != _FIXED_SHAPES[dataset]:
-    want_size, want_channels = _FIXED_SHAPES[dataset]
-    raise ValueError(f'data.dataset={dataset!r} needs data.image_size={want_size} and '
-                     f'data.channels={want_channels}; got {size} and {channels}.')
+  if dataset in _STORED_SHAPES:
+    stored, want_channels = _STORED_SHAPES[dataset]
+    if channels != want_channels:
+      raise ValueError(f'data.channels={channels!r}: data.dataset={dataset!r} has {want_channels} channel(s); '
+                       f'set data.channels={want_channels}.')
+    check_downsampling(size, stored, f'data.dataset={dataset!r}')
   if not isinstance(data_config.split, str) or not data_config.split:
     raise ValueError(f'data.split={data_config.split!r}; must be a split name such as "train" or "test".')
   if dataset == 'digits' and data_config.split not in _DIGITS_SPLITS:
@@ -53,23 +59,50 @@ def validate_config(data_config):
     raise ValueError(f'data.num_workers={data_config.num_workers!r}; must be an integer >= 0.')
 
 
+def check_downsampling(size, stored, what):
+  """Named error unless `size` divides the stored size `stored` (what: where the images come from)."""
+  if stored % size:
+    allowed = [d for d in range(stored, 0, -1) if stored % d == 0]
+    raise ValueError(f'data.image_size={size}: {what} stores {stored}x{stored} images; data.image_size must '
+                     f'divide {stored} to area-average them down; allowed: {allowed}.')
+
+
+def area_downsample(images, size):
+  """uint8 [..., S, S, C] -> uint8 [..., size, size, C]: the mean of each (S/size)^2 block, rounded half up.
+
+  Integer arithmetic, so the result is exact (no float ties). size must divide S (check_downsampling).
+  """
+  images = np.asarray(images)
+  stored, channels = images.shape[-2], images.shape[-1]
+  if stored == size:
+    return images
+  f = stored // size
+  blocks = images.reshape(*images.shape[:-3], size, f, size, f, channels).astype(np.uint32)
+  total = blocks.sum(axis=(-4, -2))
+  return ((2 * total + f * f) // (2 * f * f)).astype(np.uint8)
+
+
 def image_shape(data_config):
   """(H, W, C) of the images the pipeline yields."""
   return (data_config.image_size, data_config.image_size, data_config.channels)
 
 
 class _Images:
-  """grain random-access source over records that hold one uint8 image (optionally under `key`)."""
+  """grain random-access source over records that hold one uint8 image (optionally under `key`).
 
-  def __init__(self, records, name, key=None):
-    self.records, self._name, self._key = records, name, key
+  With `size`, each image read is area-downsampled to size x size (for sources read record by record).
+  """
+
+  def __init__(self, records, name, key=None, size=None):
+    self.records, self._name, self._key, self._size = records, name, key, size
 
   def __len__(self):
     return len(self.records)
 
   def __getitem__(self, index):
     record = self.records[index]
-    return record if self._key is None else record[self._key]
+    image = record if self._key is None else record[self._key]
+    return image if self._size is None else area_downsample(image, self._size)
 
   def __repr__(self):  # grain stores it in the iterator state and checks it on restore: no data, no ids.
     return f'_Images({self._name}, n={len(self)})'
@@ -99,11 +132,14 @@ def _tfds_source(data_config, split):
 def _source(data_config, split, max_images=None):
   """A grain random-access source of uint8 [H, W, C] images, in a fixed order."""
   dataset = data_config.dataset
+  size = data_config.image_size
   if dataset == 'digits':
-    return _Images(_digits(), f'digits:{split}')
+    return _Images(area_downsample(_digits(), size), f'digits:{split}')
   if dataset == 'cifar10':
-    return _Images(_tfds_source(data_config, split), f'cifar10:{split}', key='image')
-  images = image_folder.load(data_config.path, split, data_config.image_size, data_config.channels, max_images)
+    return _Images(_tfds_source(data_config, split), f'cifar10:{split}', key='image', size=size)
+  images = image_folder.load(data_config.path, split, data_config.channels, max_images, image_size=size)
+  check_downsampling(size, images.shape[1], f'data.path={data_config.path!r}')
+  images = area_downsample(images, size)
   return _Images(images, f'folder:{os.path.abspath(data_config.path)}:{split}')
 
 

@@ -4,16 +4,19 @@ Layout: `<root>/[<split>/][<class>/...]<name>.(png|jpg|jpeg)`. A top-level folde
 (`train/`, `test/`) selects that split; without split folders every image under the root is used. A single
 wrapping folder (`cifar10/train/...`, as `tar czf cifar10.tar.gz cifar10` makes) is looked through.
 
-Images are read as they are: grayscale (PIL mode L) gives 1 channel and RGB gives 3; nothing is resized or
-converted, so a wrong size, channel count or mode (RGBA, palette, 16-bit) is an error naming the file. Hidden
+Images are read as they are: grayscale (PIL mode L) gives 1 channel and RGB gives 3; nothing is converted, so a
+wrong channel count or mode (RGBA, palette, 16-bit), or an image whose size differs from the others', is an error
+naming the file. All images share one stored size S; a smaller data.image_size that divides S is made by area
+averaging by the caller (data.area_downsample). Hidden
 files (`.name`, `__MACOSX/`) are skipped; any other file that is not a PNG/JPEG is an error, so that a stray file
 never silently changes the data set.
 
 Order is fixed and round-robin over the folders holding the images (the classes), each folder sorted by name:
 image k of every class, then image k+1, ... so any prefix (`max_images`) is class-balanced.
 
-The decoded split is cached as .npy in $IMMISCIBLE_JAX_CACHE (default ~/.cache/immiscible_jax)/data, keyed by
-the absolute path, the archive's size and mtime (or every image's for a folder), the split, image size and channels.
+The decoded split is cached at its stored size as .npy in $IMMISCIBLE_JAX_CACHE (default ~/.cache/immiscible_jax)/data,
+keyed by the absolute path, the archive's size and mtime (or every image's for a folder), the split and channels;
+every data.image_size is made from that one cache.
 """
 import hashlib
 import io
@@ -31,7 +34,8 @@ ARCHIVE_EXTENSIONS = ('.tar.gz', '.tgz')
 # Top-level folder names taken to be splits: asking for a split that is not there is then an error.
 KNOWN_SPLITS = ('train', 'test', 'val', 'validation')
 # Bump when the decoded layout or order changes, so stale caches are not read.
-_CACHE_VERSION = 1
+# 2: cached at the stored size (downsampling happens after the cache).
+_CACHE_VERSION = 2
 
 
 def is_archive(path):
@@ -103,8 +107,11 @@ def _canonical_order(relpaths):
   return [c[i] for i in range(longest) for c in columns if i < len(c)]
 
 
-def _decode(data, where, image_size, channels):
-  """One image file's bytes -> uint8 [H, W, C]; every failure names the file."""
+def _decode(data, where, channels, expected_size=None):
+  """One image file's bytes -> uint8 [H, W, C]; every failure names the file.
+
+  expected_size: (size, where the size came from) that the image must have, or None for square of any size.
+  """
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
@@ -115,22 +122,36 @@ def _decode(data, where, image_size, channels):
   if mode not in ('L', 'RGB'):
     raise ValueError(f'{where}: image mode {mode!r}; only grayscale (L, 1 channel) or RGB (3 channels) images '
                      'are read, without conversion. Convert the files first.')
-  if (height, width) != (image_size, image_size):
-    raise ValueError(f'{where}: image is {width}x{height}, but data.image_size={image_size} '
-                     f'({image_size}x{image_size}); images are not resized.')
+  if expected_size is not None and (height, width) != (expected_size[0],) * 2:
+    raise ValueError(f'{where}: image is {width}x{height}, but {expected_size[1]}; all images must have one size.')
+  if height != width:
+    raise ValueError(f'{where}: image is {width}x{height}; only square images are read.')
   found = 1 if mode == 'L' else 3
   if found != channels:
     raise ValueError(f'{where}: image has {found} channel(s) (mode {mode}), but data.channels={channels}.')
-  return array.reshape(image_size, image_size, channels)
+  return array.reshape(height, width, channels)
 
 
-def _cache_path(path, split, image_size, channels, files):
+def _decode_all(paths, read, root, image_size, channels):
+  """Decodes `paths` (relative to root) into uint8 [N, S, S, C]; the first image sets S."""
+  images, expected = [], None
+  for relpath in paths:
+    where = os.path.join(root, relpath)
+    image = _decode(read(relpath), where, channels, expected)
+    if expected is None:
+      first = image.shape[0]
+      expected = (first, f'data.image_size={image_size} and the first image ({relpath}) is {first}x{first}')
+    images.append(image)
+  return np.stack(images)
+
+
+def _cache_path(path, split, channels, files):
   if is_archive(path):
     st = os.stat(path)
     stamp = [st.st_size, st.st_mtime_ns]
   else:
     stamp = sorted(files.items())
-  key = json.dumps([_CACHE_VERSION, os.path.abspath(path), split, image_size, channels, stamp])
+  key = json.dumps([_CACHE_VERSION, os.path.abspath(path), split, channels, stamp])
   name = f'{os.path.basename(os.path.normpath(path))}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy'
   return os.path.join(cache_dir(), name)
 
@@ -147,18 +168,21 @@ def _write_cache(cache_file, images):
                     cache_file, e)
 
 
-def load(path, split, image_size, channels, max_images=None):
-  """uint8 [N, image_size, image_size, channels] in the fixed order above; N = all, or at most max_images."""
+def load(path, split, channels, max_images=None, image_size=None):
+  """uint8 [N, S, S, channels] at the stored size S, in the fixed order above; N = all, or at most max_images.
+
+  image_size (the size the caller will downsample to) only words the error for an image of another size.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f'data.path={path!r} does not exist.')
   # An archive's cache key needs only its stat, so a cached archive is not even decompressed.
   if is_archive(path):
-    cache_file = _cache_path(path, split, image_size, channels, None)
+    cache_file = _cache_path(path, split, channels, None)
     if os.path.exists(cache_file):
       return np.load(cache_file)[:max_images]
   files, read = _list_files(path)
   if not is_archive(path):
-    cache_file = _cache_path(path, split, image_size, channels, files)
+    cache_file = _cache_path(path, split, channels, files)
     if os.path.exists(cache_file):
       return np.load(cache_file)[:max_images]
   selected = _select_split(list(files), split, path)
@@ -171,8 +195,7 @@ def load(path, split, image_size, channels, max_images=None):
                        'remove it from data.path.')
   ordered = _canonical_order(selected)
   partial = max_images is not None and max_images < len(ordered)
-  ordered = ordered[:max_images]
-  images = np.stack([_decode(read(p), os.path.join(path, p), image_size, channels) for p in ordered])
+  images = _decode_all(ordered[:max_images], read, path, image_size, channels)
   if not partial:  # Cache only whole splits.
     _write_cache(cache_file, images)
   return images

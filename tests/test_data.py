@@ -136,7 +136,7 @@ def test_iterator_state_through_orbax(tmp_path):
 
 
 def _cifar10(**overrides):
-  return _config(dataset='cifar10', image_size=32, channels=3, **overrides)
+  return _config(**{'dataset': 'cifar10', 'image_size': 32, 'channels': 3, **overrides})
 
 
 def test_cifar10_from_tfds_mock_with_flips():
@@ -284,6 +284,56 @@ def test_real_cifar10_archive():
   assert len(set(_rows(images))) == 20 and images.std() > 10
 
 
+# ---------------------------------------------------------------------------------------------- downsampling
+
+
+def _block_means(images, size):
+  """Reference area downsampling, written independently: float64 mean of each block, rounded half up."""
+  images = np.asarray(images, np.float64)
+  n, stored, _, channels = images.shape
+  f = stored // size
+  out = np.empty((n, size, size, channels))
+  for i in range(size):
+    for j in range(size):
+      out[:, i, j] = images[:, i * f:(i + 1) * f, j * f:(j + 1) * f].mean(axis=(1, 2))
+  return np.floor(out + 0.5).astype(np.uint8)
+
+
+def test_downsampled_digits_folder_and_tfds_match_block_means(image_dir, image_archive):
+  import tensorflow_datasets as tfds
+  digits8 = data.load_images(_config())
+  np.testing.assert_array_equal(data.load_images(_config(image_size=4)), _block_means(digits8, 4))
+  for path in (image_dir, image_archive):  # 4x4 PNGs -> 2x2 and 1x1
+    for size in (2, 1):
+      np.testing.assert_array_equal(data.load_images(_folder(path, image_size=size)),
+                                    _block_means(_expected_train(), size))
+  with tfds.testing.mock_data(num_examples=6):
+    source = tfds.data_source('cifar10', split='train', download=False)
+    records = np.stack([source[i]['image'] for i in range(6)])
+    np.testing.assert_array_equal(data.load_images(_cifar10(image_size=16), max_images=6), _block_means(records, 16))
+    batch = next(data.create_train_iterator(_cifar10(image_size=8), 6, seed=0, process_index=0, process_count=1))
+  assert batch['image'].shape == (6, 8, 8, 3)
+  assert _rows(batch['image']) == _rows(_unit(_block_means(records, 8)))  # one epoch: every image once
+
+
+def test_downsampling_that_does_not_divide_is_a_named_error(image_dir):
+  with pytest.raises(ValueError, match=r'data.image_size=3: .*4x4 images; .* allowed: \[4, 2, 1\]'):
+    data.load_images(_folder(image_dir, image_size=3))
+  with pytest.raises(ValueError, match=r'data.image_size=8: .*4x4'):
+    data.load_images(_folder(image_dir, image_size=8))
+  with pytest.raises(ValueError, match=r'data.image_size=5: .*32x32'):
+    data.validate_config(_cifar10(image_size=5))
+
+
+@pytest.mark.skipif(not os.path.exists(_REAL_ARCHIVE), reason=f'offline CIFAR-10 JPEGs absent: {_REAL_ARCHIVE}')
+def test_real_cifar10_archive_downsampled():
+  full = data.load_images(_config(dataset='folder', path=_REAL_ARCHIVE, image_size=32, channels=3), max_images=8)
+  for size in (16, 8):
+    small = data.load_images(_config(dataset='folder', path=_REAL_ARCHIVE, image_size=size, channels=3),
+                             max_images=8)
+    np.testing.assert_array_equal(small, _block_means(full, size))
+
+
 # -------------------------------------------------------------------------------------------------- config
 
 
@@ -291,8 +341,9 @@ def test_real_cifar10_archive():
     (dict(dataset='mnist'), 'data.dataset'),
     (dict(channels=2), 'data.channels'),
     (dict(image_size=0), 'data.image_size'),
-    (dict(image_size=32), 'data.image_size=8'),
-    (dict(dataset='cifar10'), 'data.image_size=32'),
+    (dict(image_size=32), r'data.image_size=32: .*8x8.* allowed: \[8, 4, 2, 1\]'),
+    (dict(image_size=3), r'data.image_size=3: .*must divide 8'),
+    (dict(dataset='cifar10'), 'data.channels=1: .* set data.channels=3'),
     (dict(split='validation'), 'data.split'),
     (dict(num_workers=-1), 'data.num_workers'),
 ])
