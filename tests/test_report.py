@@ -104,3 +104,82 @@ def test_baseline_matches_the_other_name_components():
   assert report.group_name('batch=64,method=knn,seed=2') == 'batch=64,method=knn'
   assert report.baseline_of('batch=64,method=knn', 'method=none') == 'batch=64,method=none'
   assert report.baseline_of('batch=64', 'method=none') is None
+
+
+# ------------------------------------------------------------------------------ paired comparisons (evidence)
+
+# Two contexts; in size=16, seeds 0-2 of none and exact, and one knn seed; size=8 has only its baseline.
+# eval/fd_pixels at steps 100, 200, 300, 400.
+PAIRED = {
+    'size=16,assign=none,seed=0': [40.0, 30.0, 20.0, 10.0],
+    'size=16,assign=none,seed=1': [42.0, 33.0, 21.0, 12.0],
+    'size=16,assign=none,seed=2': [38.0, 27.0, 22.0, 11.0],
+    'size=16,assign=exact,seed=0': [39.0, 28.0, 19.0, 10.5],
+    'size=16,assign=exact,seed=1': [41.0, 31.0, 20.0, 12.5],
+    'size=16,assign=exact,seed=2': [37.0, 25.0, 21.0, 11.5],
+    'size=16,assign=knn,seed=0': [45.0, 35.0, 25.0, 15.0],
+    'size=8,assign=none,seed=0': [9.0, 8.0, 7.0, 6.0],
+}
+
+
+@pytest.fixture
+def paired_root(tmp_path):
+  for name, values in PAIRED.items():
+    (tmp_path / name).mkdir()
+    rows = [{'step': 100 * (i + 1), 'eval/fd_pixels': v} for i, v in enumerate(values)]
+    (tmp_path / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (tmp_path / 'sweep.json').write_text(json.dumps({'arms': [{'name': n} for n in PAIRED]}))
+  return tmp_path
+
+
+def _t_half(values):
+  """95% Student-t half-width, from the table value for 2 dof (all paired sets here have 3 seeds)."""
+  n = len(values)
+  mean = sum(values) / n
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return T_975_2DOF * sd / math.sqrt(n)
+
+
+def test_paired_differences_thresholds_and_conclusion(paired_root):
+  report.write_report(str(paired_root), baseline='assign=none', thresholds=(25.0,))
+  saved = json.loads((paired_root / 'report.json').read_text())
+  by_group = {c['group']: c for c in saved['comparisons']}
+  assert set(by_group) == {'size=16,assign=exact', 'size=16,assign=knn'}  # size=8 has no arm to compare
+  exact = by_group['size=16,assign=exact']
+  assert exact['baseline'] == 'size=16,assign=none' and exact['paired_seeds'] == 3
+  # Differences exact - none per seed: step 100: -1, -1, -1; 200: -2, -2, -2; 300: -1, -1, -1; 400: .5, .5, .5
+  # -> zero spread, an interval of width 0 that excludes zero at every step.
+  steps = [(row[0], row[1], row[2], row[3]) for row in exact['per_step']]
+  assert steps == [(100, -1.0, 0.0, 3), (200, -2.0, 0.0, 3), (300, -1.0, 0.0, 3), (400, 0.5, 0.0, 3)]
+  assert exact['final_diff'] == [pytest.approx(0.5), pytest.approx(0.0)]
+  # Best (minimum over steps) per seed: exact 10.5, 12.5, 11.5; none 10, 12, 11 -> diff +0.5 each.
+  assert exact['best'][0] == pytest.approx(11.5) and exact['best'][1] == pytest.approx(_t_half([10.5, 12.5, 11.5]))
+  # Thresholds: baseline mean final (10 + 12 + 11) / 3 = 11 -> 16.5, 13.2, 11.0, and the given 25.
+  values = [t['value'] for t in exact['thresholds']]
+  assert values == [pytest.approx(16.5), pytest.approx(13.2), pytest.approx(11.0), 25.0]
+  at_11 = exact['thresholds'][2]
+  # <= 11: exact seed 0 (10.5 at 400) only -> 400 (1/3); none seeds 0 (10) and 2 (11) at 400 -> 400 (2/3).
+  assert (at_11['steps'], at_11['reached'], at_11['seeds']) == (400.0, 1, 3)
+  assert (at_11['baseline_steps'], at_11['baseline_reached'], at_11['speedup']) == (400.0, 2, None)
+  at_25 = exact['thresholds'][3]
+  # <= 25: exact 300, 300 (20 at 300; 31 > 25 at 200), 200 (25) -> 800/3; none 300, 300, 300 -> 300.
+  assert at_25['steps'] == pytest.approx(800 / 3) and at_25['baseline_steps'] == pytest.approx(300.0)
+  assert at_25['speedup'] == pytest.approx(300 / (800 / 3))
+  knn = by_group['size=16,assign=knn']
+  assert knn['paired_seeds'] == 1 and knn['final_diff'][1] is None  # one seed: no interval (null in JSON)
+  text = saved['conclusion']
+  assert 'size=16,assign=exact vs size=16,assign=none (3 paired seeds)' in text
+  assert 'lower beyond the 95% interval at steps 100, 200, 300, higher at steps 400' in text
+  assert 'size=16,assign=knn vs size=16,assign=none: 1 paired seed(s), too few for an interval; no claim.' in text
+  md = (paired_root / 'report.md').read_text()
+  for name in PAIRED:  # every arm that ran is in the report
+    assert f'| {name} |' in md
+  assert (paired_root / 'report_paired.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_paired_interval_uses_the_seed_differences():
+  arm = {'seed=0': [(1, 5.0)], 'seed=1': [(1, 7.0)], 'seed=2': [(1, 3.0)]}
+  base = {'seed=0': [(1, 6.0)], 'seed=1': [(1, 6.0)], 'seed=2': [(1, 6.0)], 'seed=9': [(1, 0.0)]}
+  ((step, mean, half, n, diffs),) = report.report_stats.paired_differences(arm, base)
+  assert (step, n, diffs) == (1, 3, [-1.0, 1.0, -3.0])  # seed=9 has no partner and is left out
+  assert mean == pytest.approx(-1.0) and half == pytest.approx(_t_half([-1.0, 1.0, -3.0]))
