@@ -87,8 +87,8 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   example_ids = device * b_dev + jnp.arange(b_dev)                    # global example index
 
   noise = draw_noise(noise_key, example_ids, images.shape[1:])
-  noise, info = assignment.assign_noise(images, noise, jax.random.fold_in(assign_key, device),
-                                        config.assignment, axis_name=AXIS)
+  # assign_noise folds the device index into assign_key itself (knn draws differ per device).
+  noise, info = assignment.assign_noise(images, noise, assign_key, config.assignment, axis_name=AXIS)
   num_scales = consistency.num_scales(state.step, tcfg)
   pairs = consistency.sample_pairs(jax.vmap(lambda i: jax.random.fold_in(pair_key, i))(example_ids),
                                    num_scales, tcfg, tcfg.recipe)
