@@ -94,9 +94,10 @@ def get_config():
   training.log_every_steps = 50
 
   config.assignment = assignment = ml_collections.ConfigDict()
-  # 'none' (vanilla), 'jv' (exact, in-graph, fastest exact here), 'hungarian' (exact, optax's, in-graph),
-  # 'sinkhorn' (entropic OT rounded to a permutation), 'scipy' (paper's host solver via pure_callback),
-  # 'knn' (nearest of knn_k draws per image; changes the noise marginal).
+  # 'none' (vanilla), 'jv' (exact, in-graph, fastest on CPU), 'auction' (near-exact, in-graph, fewest loop
+  # steps: for GPU/TPU), 'hungarian' (exact, ott-jax's, in-graph), 'sinkhorn' (entropic OT rounded to a
+  # permutation), 'scipy' (paper's host solver via pure_callback), 'knn' (nearest of knn_k draws per image;
+  # changes the noise marginal).
   assignment.method = 'none'
   # 'l2' (Euclidean, as in the paper) or 'sqeuclidean' (minibatch OT; only -x.n matters).
   assignment.cost = 'sqeuclidean'
@@ -118,6 +119,16 @@ def get_config():
   assignment.jv_warm_start_iterations = 40
   # 'jv' augmenting-row-reduction bids per row before its Dijkstra augmentations.
   assignment.jv_arr_sweeps = 1
+  # 'auction' bid increment, relative to the cost's std (smaller: closer to optimal, more rounds needed).
+  assignment.auction_epsilon = 0.01
+  # 'auction' warm-start Sinkhorn epsilon, relative to the cost's std.
+  assignment.auction_warm_start_epsilon = 0.1
+  # 'auction' warm-start Sinkhorn iterations (0 = start from column minima); each is one loop step.
+  assignment.auction_warm_start_iterations = 10
+  # 'auction' cap on bidding rounds (loop steps); rows still unplaced then take free columns in parallel.
+  assignment.auction_max_rounds = 80
+  # 'auction' cap on rounds of parallel pairwise swaps after bidding (0 = none); each lowers the total cost.
+  assignment.auction_swap_rounds = 4
 
   config.optim = optim = ml_collections.ConfigDict()
   # 'adam' or 'radam'.

@@ -1,8 +1,8 @@
 """Immiscible noise assignment (Li et al., NeurIPS 2024; KNN variant: arXiv 2505.18521), inside jit / pmap.
 
 Before noising, the batch's Gaussian noise rows are re-paired with its images so that the total
-image-noise distance is (near-)minimal. Permutation methods ('hungarian', 'jv', 'sinkhorn', 'scipy') only
-reorder the batch's own noise, so its multiset, hence its Gaussian distribution, is unchanged. 'knn' keeps
+image-noise distance is (near-)minimal. Permutation methods ('hungarian', 'jv', 'auction', 'sinkhorn',
+'scipy') only reorder the batch's own noise, so its multiset, hence its Gaussian distribution, is unchanged. 'knn' keeps
 for each image the nearest of `knn_k` draws (the given noise and knn_k - 1 fresh ones): each output row is
 a genuine draw, but selection favours short noise vectors, so it changes the noise marginal.
 
@@ -21,24 +21,17 @@ import jax.numpy as jnp
 
 from immiscible_jax import assignment_solvers as solvers
 
-METHODS = ('none', 'hungarian', 'jv', 'sinkhorn', 'scipy', 'knn')
-PERMUTATION_METHODS = ('hungarian', 'jv', 'sinkhorn', 'scipy')
+METHODS = ('none', 'hungarian', 'jv', 'auction', 'sinkhorn', 'scipy', 'knn')
+PERMUTATION_METHODS = ('hungarian', 'jv', 'auction', 'sinkhorn', 'scipy')
 COSTS = ('l2', 'sqeuclidean')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 SCOPES = ('local', 'global')
-# Keys added after the first config; read with these defaults when a config lacks them.
-_DEFAULTS = dict(jv_warm_start_epsilon=0.03, jv_warm_start_iterations=40, jv_arr_sweeps=1,
-                 sinkhorn_arr_sweeps=1)
 
 
 @flax.struct.dataclass
 class AssignmentInfo:
   distance_before: jax.Array  # [] mean image-noise L2 distance with the given pairing
   distance_after: jax.Array  # [] mean image-noise L2 distance after assignment
-
-
-def _get(config, key):
-  return config.get(key, _DEFAULTS.get(key))
 
 
 def _check(ok, key, allowed, value):
@@ -54,18 +47,30 @@ def _is_number(value):
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Each key of the config's assignment section and what it must be (configs/default.py gives their meaning).
+_ONE_OF = (('method', METHODS), ('cost', COSTS), ('dtype', tuple(DTYPES)), ('scope', SCOPES))
+_POSITIVE_INTS = ('knn_k', 'sinkhorn_max_iterations')
+_COUNTS = ('sinkhorn_arr_sweeps', 'jv_warm_start_iterations', 'jv_arr_sweeps', 'auction_warm_start_iterations',
+           'auction_max_rounds', 'auction_swap_rounds')
+_POSITIVE_NUMBERS = ('sinkhorn_epsilon', 'sinkhorn_threshold', 'jv_warm_start_epsilon', 'auction_epsilon',
+                     'auction_warm_start_epsilon')
+
+
 def validate_config(assignment_config):
-  """Raises ValueError naming the key and the allowed values for any bad setting."""
+  """Raises ValueError naming the key and the allowed values for any bad or missing setting."""
   c = assignment_config
-  for key, allowed in (('method', METHODS), ('cost', COSTS), ('dtype', tuple(DTYPES)),
-                       ('scope', SCOPES)):
-    _check(_get(c, key) in allowed, key, f'one of {list(allowed)}', _get(c, key))
-  for key in ('knn_k', 'sinkhorn_max_iterations'):
-    _check(_is_int(_get(c, key)) and _get(c, key) >= 1, key, 'a positive integer', _get(c, key))
-  for key in ('sinkhorn_arr_sweeps', 'jv_warm_start_iterations', 'jv_arr_sweeps'):
-    _check(_is_int(_get(c, key)) and _get(c, key) >= 0, key, 'an integer >= 0', _get(c, key))
-  for key in ('sinkhorn_epsilon', 'sinkhorn_threshold', 'jv_warm_start_epsilon'):
-    _check(_is_number(_get(c, key)) and _get(c, key) > 0, key, 'a positive number', _get(c, key))
+  missing = [k for k in [k for k, _ in _ONE_OF] + list(_POSITIVE_INTS + _COUNTS + _POSITIVE_NUMBERS)
+             if k not in c]
+  if missing:
+    raise ValueError(f'assignment config is missing keys {missing} (build it from configs/default.py)')
+  for key, allowed in _ONE_OF:
+    _check(c[key] in allowed, key, f'one of {list(allowed)}', c[key])
+  for key in _POSITIVE_INTS:
+    _check(_is_int(c[key]) and c[key] >= 1, key, 'a positive integer', c[key])
+  for key in _COUNTS:
+    _check(_is_int(c[key]) and c[key] >= 0, key, 'an integer >= 0', c[key])
+  for key in _POSITIVE_NUMBERS:
+    _check(_is_number(c[key]) and c[key] > 0, key, 'a positive number', c[key])
 
 
 def cost_matrix(images, noise, cost, dtype):
@@ -88,11 +93,13 @@ def solve(cost, assignment_config):
   if method == 'hungarian':
     return solvers.hungarian(cost)
   if method == 'jv':
-    return solvers.jv(cost, _get(c, 'jv_warm_start_epsilon'), _get(c, 'jv_warm_start_iterations'),
-                      _get(c, 'jv_arr_sweeps'))
+    return solvers.jv(cost, c.jv_warm_start_epsilon, c.jv_warm_start_iterations, c.jv_arr_sweeps)
+  if method == 'auction':
+    return solvers.auction(cost, c.auction_epsilon, c.auction_warm_start_epsilon,
+                           c.auction_warm_start_iterations, c.auction_max_rounds, c.auction_swap_rounds)
   if method == 'sinkhorn':
     return solvers.sinkhorn(cost, c.sinkhorn_epsilon, c.sinkhorn_max_iterations, c.sinkhorn_threshold,
-                            _get(c, 'sinkhorn_arr_sweeps'))
+                            c.sinkhorn_arr_sweeps)
   if method == 'scipy':
     return solvers.scipy_lsa(cost)
   raise ValueError(f'assignment.method {method!r} is not a permutation method')
