@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 CACHE ?= $(HOME)/.cache/immiscible_jax
 WORKDIR ?= workdirs/demo
 
-.PHONY: venv test demo fid-weights bench clean
+.PHONY: venv test demo fid-weights bench study clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/assignment.py --json benchmarks/results/assignment_cpu.json
 	$(PY) benchmarks/train_step.py --json benchmarks/results/train_step_cpu.json
+
+# The CPU-scale evidence study (configs/sweeps/cifar10_small_study.py): hours on 2 cores; finished arms are skipped,
+# so it can be stopped and run again. CIFAR10 = a folder or .tar.gz of <split>/<class>/*.jpg|png CIFAR-10 images.
+STUDY_ROOT ?= results/cifar10_small_study
+study: $(STAMP)
+	@test -n "$(CIFAR10)" || { echo "usage: make study CIFAR10=PATH (folder or .tar.gz of CIFAR-10 images)"; exit 2; }
+	nice -n 5 $(PY) -m launch.sweep --sweep=configs/sweeps/cifar10_small_study.py --runner=local \
+		--root=$(STUDY_ROOT) -- --config.data.dataset=folder --config.data.path=$(abspath $(CIFAR10))
+	$(PY) -m launch.report $(STUDY_ROOT) --metric=eval/fd_pixels --baseline=assign=none
 
 clean:
 	rm -rf $(VENV) workdirs
