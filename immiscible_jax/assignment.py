@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from immiscible_jax import assignment_solvers as solvers
+from immiscible_jax.errors import ConfigError
 
 METHODS = ('none', 'hungarian', 'jv', 'auction', 'sinkhorn', 'scipy', 'knn')
 PERMUTATION_METHODS = ('hungarian', 'jv', 'auction', 'sinkhorn', 'scipy')
@@ -36,7 +37,7 @@ class AssignmentInfo:
 
 def _check(ok, key, allowed, value):
   if not ok:
-    raise ValueError(f'assignment.{key} must be {allowed}, got {value!r}')
+    raise ConfigError(f'assignment.{key} must be {allowed}, got {value!r}')
 
 
 def _is_int(value):
@@ -62,7 +63,7 @@ def validate_config(assignment_config):
   missing = [k for k in [k for k, _ in _ONE_OF] + list(_POSITIVE_INTS + _COUNTS + _POSITIVE_NUMBERS)
              if k not in c]
   if missing:
-    raise ValueError(f'assignment config is missing keys {missing} (build it from configs/default.py)')
+    raise ConfigError(f'assignment config is missing keys {missing} (build it from configs/default.py)')
   for key, allowed in _ONE_OF:
     _check(c[key] in allowed, key, f'one of {list(allowed)}', c[key])
   for key in _POSITIVE_INTS:

@@ -12,6 +12,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from immiscible_jax import errors
+
 
 # ----------------------------------------------------------------------------- grids and schedules
 
@@ -104,7 +106,7 @@ def distance(x, y, kind, huber_c):
     return jnp.mean(jnp.abs(diff), axis=-1)
   if kind == 'pseudo_huber':
     return jnp.sqrt(jnp.sum(diff ** 2, axis=-1) + huber_c ** 2) - huber_c
-  raise ValueError(f"training.loss must be one of ['l2', 'l1', 'pseudo_huber'], got {kind!r}")
+  raise errors.ConfigError(f"training.loss: got {kind!r}; allowed: 'l2', 'l1', 'pseudo_huber'")
 
 
 @flax.struct.dataclass

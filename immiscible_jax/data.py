@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from immiscible_jax import image_folder
+from immiscible_jax.errors import ConfigError
 
 DATASETS = ('digits', 'cifar10', 'folder')
 # Datasets whose stored images have one fixed (size, channels).
@@ -32,38 +33,38 @@ def validate_config(data_config):
   """Fails fast, naming the key and its allowed values, before anything is read or compiled."""
   dataset, size, channels = data_config.dataset, data_config.image_size, data_config.channels
   if dataset not in DATASETS:
-    raise ValueError(f'data.dataset={dataset!r}; allowed: {DATASETS}.')
+    raise ConfigError(f'data.dataset={dataset!r}; allowed: {DATASETS}.')
   if channels not in (1, 3):
-    raise ValueError(f'data.channels={channels!r}; allowed: 1 (grayscale) or 3 (RGB).')
+    raise ConfigError(f'data.channels={channels!r}; allowed: 1 (grayscale) or 3 (RGB).')
   if not isinstance(size, int) or size <= 0:
-    raise ValueError(f'data.image_size={size!r}; must be a positive integer.')
+    raise ConfigError(f'data.image_size={size!r}; must be a positive integer.')
   if dataset in _STORED_SHAPES:
     stored, want_channels = _STORED_SHAPES[dataset]
     if channels != want_channels:
-      raise ValueError(f'data.channels={channels!r}: data.dataset={dataset!r} has {want_channels} channel(s); '
+      raise ConfigError(f'data.channels={channels!r}: data.dataset={dataset!r} has {want_channels} channel(s); '
                        f'set data.channels={want_channels}.')
     check_downsampling(size, stored, f'data.dataset={dataset!r}')
   if not isinstance(data_config.split, str) or not data_config.split:
-    raise ValueError(f'data.split={data_config.split!r}; must be a split name such as "train" or "test".')
+    raise ConfigError(f'data.split={data_config.split!r}; must be a split name such as "train" or "test".')
   if dataset == 'digits' and data_config.split not in _DIGITS_SPLITS:
-    raise ValueError(f'data.split={data_config.split!r} for digits; allowed: {_DIGITS_SPLITS}.')
+    raise ConfigError(f'data.split={data_config.split!r} for digits; allowed: {_DIGITS_SPLITS}.')
   if dataset == 'folder':
     path = data_config.path
     if not path or not os.path.exists(path):
-      raise ValueError(f'data.path={path!r} does not exist; for data.dataset="folder" it must be a folder of '
+      raise ConfigError(f'data.path={path!r} does not exist; for data.dataset="folder" it must be a folder of '
                        f'PNG/JPEG files or a {"/".join(image_folder.ARCHIVE_EXTENSIONS)} archive of one.')
     if not (os.path.isdir(path) or image_folder.is_archive(path)):
-      raise ValueError(f'data.path={path!r} is neither a folder nor a '
+      raise ConfigError(f'data.path={path!r} is neither a folder nor a '
                        f'{"/".join(image_folder.ARCHIVE_EXTENSIONS)} archive.')
   if not isinstance(data_config.num_workers, int) or data_config.num_workers < 0:
-    raise ValueError(f'data.num_workers={data_config.num_workers!r}; must be an integer >= 0.')
+    raise ConfigError(f'data.num_workers={data_config.num_workers!r}; must be an integer >= 0.')
 
 
 def check_downsampling(size, stored, what):
   """Named error unless `size` divides the stored size `stored` (what: where the images come from)."""
   if stored % size:
     allowed = [d for d in range(stored, 0, -1) if stored % d == 0]
-    raise ValueError(f'data.image_size={size}: {what} stores {stored}x{stored} images; data.image_size must '
+    raise ConfigError(f'data.image_size={size}: {what} stores {stored}x{stored} images; data.image_size must '
                      f'divide {stored} to area-average them down; allowed: {allowed}.')
 
 

@@ -13,6 +13,7 @@ import flax.jax_utils
 import jax
 import numpy as np
 
+from immiscible_jax import errors
 from immiscible_jax import inception
 
 METRICS = ('pixels', 'inception')
@@ -32,17 +33,17 @@ def default_cache_dir():
 
 
 def validate_config(eval_config):
-  """Raises ValueError naming the offending eval.* key."""
+  """Raises errors.ConfigError naming the offending eval.* key."""
   if eval_config.metric not in METRICS:
-    raise ValueError(f'eval.metric must be one of {METRICS}, got {eval_config.metric!r}.')
+    raise errors.ConfigError(f'eval.metric must be one of {METRICS}, got {eval_config.metric!r}.')
   for key, minimum in (('every_steps', 0), ('num_samples', 2), ('pixel_downsample', 1), ('batch_size', 1),
                        ('reference_num_images', 2)):
     value = eval_config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-      raise ValueError(f'eval.{key} must be an integer >= {minimum}, got {value!r}.')
+      raise errors.ConfigError(f'eval.{key} must be an integer >= {minimum}, got {value!r}.')
   if not isinstance(eval_config.reference_split, str) or not eval_config.reference_split:
-    raise ValueError(f'eval.reference_split must be a split name such as "train", '
-                     f'got {eval_config.reference_split!r}.')
+    raise errors.ConfigError(f'eval.reference_split must be a split name such as "train", '
+                             f'got {eval_config.reference_split!r}.')
 
 
 def compute_statistics(features):

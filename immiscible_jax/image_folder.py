@@ -29,6 +29,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from immiscible_jax.errors import ConfigError
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 ARCHIVE_EXTENSIONS = ('.tar.gz', '.tgz')
 # Top-level folder names taken to be splits: asking for a split that is not there is then an error.
@@ -63,7 +65,7 @@ def _list_files(path):
           if member.isfile() and not _hidden(name):
             blobs[name] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-      raise ValueError(f'data.path={path!r}: cannot read the archive ({e}).') from e
+      raise ConfigError(f'data.path={path!r}: cannot read the archive ({e}).') from e
     return {name: None for name in blobs}, blobs.__getitem__
   files = {}
   for dirpath, dirnames, filenames in os.walk(path):
@@ -92,7 +94,7 @@ def _select_split(relpaths, split, path):
   if split in tops:
     return [p for p, q in zip(relpaths, parts) if q[0] == split and len(q) > 1]
   if tops & set(KNOWN_SPLITS):
-    raise ValueError(f'data.split={split!r}: no {split!r} folder in data.path={path!r}; its split folders are '
+    raise ConfigError(f'data.split={split!r}: no {split!r} folder in data.path={path!r}; its split folders are '
                      f'{sorted(tops & set(KNOWN_SPLITS))}.')
   return list(relpaths)
 
@@ -118,17 +120,17 @@ def _decode(data, where, channels, expected_size=None):
       mode, (width, height) = img.mode, img.size
       array = np.asarray(img)
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-    raise ValueError(f'{where}: not a readable image ({type(e).__name__}: {e}).') from e
+    raise ConfigError(f'{where}: not a readable image ({type(e).__name__}: {e}).') from e
   if mode not in ('L', 'RGB'):
-    raise ValueError(f'{where}: image mode {mode!r}; only grayscale (L, 1 channel) or RGB (3 channels) images '
+    raise ConfigError(f'{where}: image mode {mode!r}; only grayscale (L, 1 channel) or RGB (3 channels) images '
                      'are read, without conversion. Convert the files first.')
   if expected_size is not None and (height, width) != (expected_size[0],) * 2:
-    raise ValueError(f'{where}: image is {width}x{height}, but {expected_size[1]}; all images must have one size.')
+    raise ConfigError(f'{where}: image is {width}x{height}, but {expected_size[1]}; all images must have one size.')
   if height != width:
-    raise ValueError(f'{where}: image is {width}x{height}; only square images are read.')
+    raise ConfigError(f'{where}: image is {width}x{height}; only square images are read.')
   found = 1 if mode == 'L' else 3
   if found != channels:
-    raise ValueError(f'{where}: image has {found} channel(s) (mode {mode}), but data.channels={channels}.')
+    raise ConfigError(f'{where}: image has {found} channel(s) (mode {mode}), but data.channels={channels}.')
   return array.reshape(height, width, channels)
 
 
@@ -187,11 +189,11 @@ def load(path, split, channels, max_images=None, image_size=None):
       return np.load(cache_file)[:max_images]
   selected = _select_split(list(files), split, path)
   if not selected:
-    raise ValueError(f'data.path={path!r} (data.split={split!r}): no images found; expected '
+    raise ConfigError(f'data.path={path!r} (data.split={split!r}): no images found; expected '
                      f'{"/".join(IMAGE_EXTENSIONS)} files, optionally in <split>/<class>/ folders.')
   for relpath in selected:
     if not relpath.lower().endswith(IMAGE_EXTENSIONS):
-      raise ValueError(f'{os.path.join(path, relpath)}: not an image file (allowed: {IMAGE_EXTENSIONS}); '
+      raise ConfigError(f'{os.path.join(path, relpath)}: not an image file (allowed: {IMAGE_EXTENSIONS}); '
                        'remove it from data.path.')
   ordered = _canonical_order(selected)
   partial = max_images is not None and max_images < len(ordered)

@@ -4,10 +4,11 @@
     validate_config(config.model, image_size=config.data.image_size)   # before compiling anything
     out = model.apply({'params': params}, x, c_noise, train=train, rngs={'dropout': key})
 
-Errors are ValueErrors that name the offending key (model.<key>) and what it may be.
+Errors are errors.ConfigError that name the offending key (model.<key>) and what it may be.
 """
 import flax.linen as nn
 
+from immiscible_jax import errors
 from immiscible_jax.models.ncsnpp import NCSNpp
 
 MODEL_NAMES = ('ncsnpp',)
@@ -23,13 +24,13 @@ _MODULE_KEYS = ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'dropout'
 
 def _get(cfg, key):
   if key not in cfg:
-    raise ValueError(f'model.{key} is missing from the config (see configs/default.py).')
+    raise errors.ConfigError(f'model.{key} is missing from the config (see configs/default.py).')
   return cfg[key]
 
 
 def _check(ok: bool, key: str, message: str):
   if not ok:
-    raise ValueError(f'model.{key}: {message}')
+    raise errors.ConfigError(f'model.{key}: {message}')
 
 
 def _is_int(v) -> bool:
@@ -98,7 +99,7 @@ def _check_architecture(cfg):
 
 
 def validate_config(model_config, image_size: int) -> None:
-  """Raises ValueError (naming model.<key>) for a config that cannot build a working model."""
+  """Raises errors.ConfigError (naming model.<key>) for a config that cannot build a working model."""
   _check_architecture(model_config)
   ch_mult = model_config.ch_mult
   factor = 2 ** (len(ch_mult) - 1)
@@ -116,7 +117,7 @@ def create_model(model_config, channels: int) -> nn.Module:
   """Builds the (unbound) Flax module; `channels` is the image channel count (input = output)."""
   _check_architecture(model_config)
   if not (_is_int(channels) and channels > 0):
-    raise ValueError(f'data.channels must be a positive int, got {channels!r}.')
+    raise errors.ConfigError(f'data.channels must be a positive int, got {channels!r}.')
   kwargs = {key: model_config[key] for key in _MODULE_KEYS}
   for key in ('ch_mult', 'attn_resolutions', 'fir_kernel'):
     kwargs[key] = tuple(kwargs[key])  # hashable module fields
