@@ -8,89 +8,107 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Base seed: parameters, noise, data order. Per-step keys are fold_in(seed key, step).
+  # Base seed (int) of the run: parameter init, noise, noise levels, dropout and data order. Per-step keys are
+  # fold_in(key(seed), step).
   config.seed = 0
 
   config.data = data = ml_collections.ConfigDict()
-  # 'digits' (scikit-learn's bundled 8x8 digits, no download), 'cifar10' (tfds), 'folder' (images in class folders).
+  # Image source: 'digits' (scikit-learn's bundled 8x8 digits, no download), 'cifar10' (tfds, prepared
+  # offline) or 'folder' (PNG/JPEG files under data.path).
   data.dataset = 'digits'
-  # For 'folder': a directory of class sub-folders of PNG/JPEG, or a .tar.gz of one.
+  # For 'folder': a folder of PNG/JPEG files (optionally in split/class sub-folders) or a .tar.gz / .tgz of
+  # one; '' for the other datasets.
   data.path = ''
-  # For 'cifar10': the TFDS data directory ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets).
+  # For 'cifar10': the TFDS data directory ('' = $TFDS_DATA_DIR, else ~/tensorflow_datasets).
   data.tfds_data_dir = ''
-  # Split to train on ('train' / 'test').
+  # Split to train on: a split name such as 'train' or 'test' (digits: both give all 1797 images).
   data.split = 'train'
-  # Spatial size of the images fed to the model (digits: 8; CIFAR-10: 32). Folder images must already have it.
+  # Side of the square images fed to the model, in pixels; must divide the stored size (digits 8, CIFAR-10 32,
+  # a folder's own size): smaller sizes are area-averaged.
   data.image_size = 8
-  # Number of channels (digits: 1; RGB: 3).
+  # Channels of the images: 1 (grayscale; digits) or 3 (RGB; CIFAR-10).
   data.channels = 1
-  # Random horizontal flips (off for digits: mirrored digits are not digits).
+  # Random horizontal flips of training images, True / False (off for digits: mirrored digits are not digits).
   data.random_flip = False
-  # grain worker processes (0 = read in the main process).
+  # grain worker processes reading training batches (int >= 0; 0 = read in the main process).
   data.num_workers = 0
 
   config.model = model = ml_collections.ConfigDict()
-  # Architecture; only 'ncsnpp' so far.
+  # Architecture: 'ncsnpp' (the only one so far).
   model.name = 'ncsnpp'
-  # Base channel count.
+  # Base channel count (int); every channel count it leads to must split into GroupNorm's min(C // 4, 32)
+  # groups (a multiple of 32, or of 4 below 128).
   model.nf = 32
-  # Channel multiplier per resolution level (one level per entry; each level after the first halves the size).
+  # Channel multiplier (of nf) per resolution level, a tuple of positive ints: one level per entry; each level
+  # after the first halves the image, so data.image_size must divide by 2^(levels - 1).
   model.ch_mult = (1, 2)
-  # Residual blocks per level.
+  # Residual blocks per level (int >= 1).
   model.num_res_blocks = 1
-  # Resolutions (in pixels) at which self-attention is applied.
+  # Resolutions, in pixels, at which the levels apply self-attention (a tuple; each must be a level's size;
+  # () = attention only in the middle block).
   model.attn_resolutions = (4,)
-  # Dropout rate inside residual blocks.
+  # Dropout rate inside the residual blocks, in [0, 1); the online and target branches share the mask.
   model.dropout = 0.0
-  # Noise-level embedding of c_noise = 0.25 log(sigma): 'fourier' (Gaussian Fourier features) or 'positional'.
+  # Embedding of the noise level c_noise = 0.25 log(sigma): 'fourier' (Gaussian Fourier features) or
+  # 'positional' (sinusoidal).
   model.embedding_type = 'positional'
-  # Scale of the Fourier features (CM: 16; iCT: 0.02).
+  # Scale (std) of the Gaussian Fourier features' frequencies, > 0; used by 'fourier' only (CM: 16; iCT: 0.02).
   model.fourier_scale = 16.0
   # Residual block type: 'biggan' (up/down-sampling inside the block) or 'ddpm'.
   model.resblock_type = 'biggan'
-  # Divide residual and skip sums by sqrt(2).
+  # Divide residual and skip sums by sqrt(2), True / False.
   model.skip_rescale = True
-  # Convolutional (vs. plain) up/down-sampling.
+  # Up/down-sampling with a convolution (True) or without one (False).
   model.resamp_with_conv = True
-  # Scale of the last conv's initialisation in each block (0 = zero init, as in NCSN++).
+  # Initialisation scale (>= 0) of the last conv of every block and of the output conv (0 = zeros, as in
+  # NCSN++: the network outputs 0 at initialisation).
   model.init_scale = 0.0
-  # Multiplier on c_noise before the 'positional' embedding (CM's ImageNet code feeds 1000 * 0.25 log sigma).
+  # Multiplier (> 0) on c_noise before the 'positional' embedding (CM's ImageNet code feeds 1000 * 0.25 log
+  # sigma); unused by 'fourier'.
   model.positional_scale = 1000.0
-  # FIR (StyleGAN2) filtering in up/down-sampling instead of nearest / box resampling (NCSN++ CIFAR-10: True;
-  # off by default: it made the digits step about 2x slower on CPU).
+  # FIR (StyleGAN2) filtering in up/down-sampling instead of nearest / box resampling, True / False (NCSN++
+  # CIFAR-10: True; off by default: it made the digits step about 2x slower on CPU).
   model.fir = False
-  # Separable FIR taps.
+  # Taps of the separable FIR filter (a tuple of at least 2 numbers with a positive sum); used when fir=True.
   model.fir_kernel = (1, 3, 3, 1)
   # Input pyramid summed into each down-sampled level: 'residual' (NCSN++ CIFAR-10) or 'none'.
   model.progressive_input = 'none'
 
   config.training = training = ml_collections.ConfigDict()
-  # 'ct' (Song et al. 2023) or 'ict' (Song & Dhariwal 2023).
+  # Training recipe: 'ct' (Song et al. 2023: EMA target, uniform noise levels) or 'ict' (Song & Dhariwal 2023:
+  # target = stop_gradient(online), lognormal noise levels, doubling curriculum).
   training.recipe = 'ct'
-  # Global batch size over all devices and hosts; must divide by the device count.
+  # Global batch size in images, over all devices and hosts; must divide by the device count.
   training.batch_size = 64
-  # Total optimisation steps (K in the papers' schedules).
+  # Total optimisation steps, K in the papers' schedules N(k) (int > 0).
   training.num_steps = 1000
-  # Distance between online and target outputs: 'l2' (squared), 'l1', 'pseudo_huber'.
+  # Distance between online and target outputs: 'l2' (mean squared error), 'l1' (mean absolute error) or
+  # 'pseudo_huber' (sqrt(||x - y||^2 + c^2) - c, iCT).
   training.loss = 'l2'
-  # Pseudo-Huber c; a negative value means 0.00054 * sqrt(image dimension), as in iCT.
+  # Pseudo-Huber constant c (>= 0, in the units of ||x - y|| for images in [-1, 1]); a negative value means
+  # 0.00054 * sqrt(H * W * C), as in iCT.
   training.huber_c = -1.0
-  # Karras grid.
+  # Smallest noise level sigma_min of the Karras grid (> 0); f(x, sigma_min) = x.
   training.sigma_min = 0.002
+  # Largest noise level sigma_max of the Karras grid (> sigma_min); one-step sampling starts from sigma_max z.
   training.sigma_max = 80.0
+  # Karras grid exponent rho (> 0): sigma_i = (s_min^(1/rho) + i/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho.
   training.rho = 7.0
+  # Standard deviation of the data, sigma_data (> 0), in the scalings c_skip, c_out, c_in (images in [-1, 1]).
   training.sigma_data = 0.5
-  # Discretisation curriculum N(k): CT uses s0=2, s1=150; iCT uses s0=10, s1=1280.
+  # Curriculum N(k): initial number of discretisation steps s0 (int > 0; CT 2, iCT 10).
   training.s0 = 2
+  # Curriculum N(k): final number of discretisation steps s1 (int >= s0; CT 150, iCT 1280).
   training.s1 = 150
-  # CT target EMA: mu(k) = exp(s0 log(mu0) / N(k)). Ignored by iCT (target = stop_gradient(online)).
+  # CT target EMA: mu(k) = exp(s0 log(mu0) / N(k)), mu0 in (0, 1). Ignored by iCT (target = stop_gradient(online)).
   training.mu0 = 0.9
-  # iCT lognormal noise-level distribution.
+  # iCT noise levels: mean P_mean of log(sigma) under the lognormal the pair index is drawn from.
   training.p_mean = -1.1
+  # iCT noise levels: standard deviation P_std (> 0) of log(sigma) under that lognormal.
   training.p_std = 2.0
-  # EMA decay of the parameters used for sampling and evaluation.
+  # EMA decay per step, in [0, 1), of the parameters used for sampling and evaluation.
   training.ema_rate = 0.999
-  # Print / log scalars every this many steps.
+  # Write the averaged training scalars every this many steps (int > 0).
   training.log_every_steps = 50
 
   config.assignment = assignment = ml_collections.ConfigDict()
@@ -101,23 +119,27 @@ def get_config():
   assignment.method = 'none'
   # 'l2' (Euclidean, as in the paper) or 'sqeuclidean' (minibatch OT; only -x.n matters).
   assignment.cost = 'sqeuclidean'
-  # Inputs quantised to this dtype before the distance computation (accumulation always float32).
+  # Inputs quantised to this dtype before the distance computation: 'bfloat16' or 'float32' (accumulation
+  # always float32).
   assignment.dtype = 'bfloat16'
   # 'local' (each device its own shard) or 'global' (solve over the whole global batch).
   assignment.scope = 'local'
-  # Candidates per image for 'knn'.
+  # Candidates per image for 'knn' (int >= 1).
   assignment.knn_k = 8
-  # Sinkhorn: epsilon relative to the cost's standard deviation, iteration cap, convergence threshold.
+  # 'sinkhorn': entropic regularisation epsilon, relative to the cost's standard deviation (> 0).
   assignment.sinkhorn_epsilon = 0.05
+  # 'sinkhorn': cap on Sinkhorn iterations (int >= 1).
   assignment.sinkhorn_max_iterations = 200
+  # 'sinkhorn': convergence threshold on the marginals' error (> 0).
   assignment.sinkhorn_threshold = 1e-3
-  # Sinkhorn rounding: row-reduction bids per row before the rows left take their cheapest free column.
+  # 'sinkhorn' rounding: row-reduction bids per row (int >= 0) before the rows left take their cheapest free
+  # column.
   assignment.sinkhorn_arr_sweeps = 1
-  # 'jv' warm start (speed only, always exact): Sinkhorn epsilon relative to the cost's std,
+  # 'jv' warm start (speed only, always exact): Sinkhorn epsilon relative to the cost's std (> 0).
   assignment.jv_warm_start_epsilon = 0.03
-  # 'jv' warm-start Sinkhorn iterations (0 = start from column minima),
+  # 'jv' warm-start Sinkhorn iterations (int >= 0; 0 = start from column minima).
   assignment.jv_warm_start_iterations = 40
-  # 'jv' augmenting-row-reduction bids per row before its Dijkstra augmentations.
+  # 'jv' augmenting-row-reduction bids per row (int >= 0) before its Dijkstra augmentations.
   assignment.jv_arr_sweeps = 1
   # 'auction' bid increment, relative to the cost's std (smaller: closer to optimal, more rounds needed).
   assignment.auction_epsilon = 0.01
@@ -131,44 +153,54 @@ def get_config():
   assignment.auction_swap_rounds = 4
 
   config.optim = optim = ml_collections.ConfigDict()
-  # 'adam' or 'radam'.
+  # Optimizer: 'adam' or 'radam' (optax; no weight decay).
   optim.optimizer = 'radam'
+  # Peak learning rate (> 0), reached after the warm-up and then held constant.
   optim.learning_rate = 4e-4
-  # Linear warm-up steps (0 = none).
+  # Steps of linear learning-rate warm-up from 0 (int >= 0; 0 = none).
   optim.warmup_steps = 0
+  # Adam / RAdam decay rate of the first-moment (gradient) average, beta1 in [0, 1).
   optim.b1 = 0.9
+  # Adam / RAdam decay rate of the second-moment (squared gradient) average, beta2 in [0, 1).
   optim.b2 = 0.999
+  # Adam / RAdam epsilon added to the denominator for numerical stability (> 0).
   optim.eps = 1e-8
-  # Clip the global gradient norm to this (0 = off).
+  # Clip the global gradient norm to this before the optimizer (>= 0; 0 = off).
   optim.grad_clip = 1.0
 
   config.eval = eval_config = ml_collections.ConfigDict()
-  # Evaluate every this many steps (0 = never during training).
+  # Evaluate during training every this many steps and after the last one (int >= 0; 0 = never).
   eval_config.every_steps = 0
-  # One-step samples drawn per evaluation.
+  # Samples per evaluation (int >= 2): one-step samples from the EMA parameters during training; samples with
+  # sampling.sigmas in --mode=eval.
   eval_config.num_samples = 1000
   # 'pixels' (Frechet distance on raw pixels, weight-free) or 'inception' (FID; needs converted weights).
   eval_config.metric = 'pixels'
-  # Average-pool pixels by this factor before the pixel metric (1 = none).
+  # Average-pool the pixels by this factor before the 'pixels' metric (int >= 1, dividing the image size;
+  # 1 = none).
   eval_config.pixel_downsample = 1
-  # Per-device batch size for sampling and feature extraction.
+  # Per-device batch size for sampling and feature extraction (int >= 1).
   eval_config.batch_size = 256
-  # Real images for the reference statistics (from data.dataset, eval.reference_split).
+  # Split of data.dataset whose real images give the reference statistics (e.g. 'train').
   eval_config.reference_split = 'train'
+  # Number of real images in the reference statistics (int >= 2; at most the split's size is used).
   eval_config.reference_num_images = 50000
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  # Noise levels of the sampler: (sigma_max,) is one-step; CM Algorithm 1 for more. iCT CIFAR-10 2-step: (80, 0.821).
+  # Noise levels of the sampler, a decreasing tuple within (sigma_min, sigma_max]: (sigma_max,) is one-step;
+  # longer ones run CM Algorithm 1 (iCT CIFAR-10 2-step: (80, 0.821)).
   sampling.sigmas = (80.0,)
-  # Samples written by --mode=sample.
+  # Samples written by --mode=sample (int > 0).
   sampling.num_samples = 64
-  # Samples per .npz shard.
+  # Samples per .npz shard written by --mode=sample (int > 0).
   sampling.shard_size = 10000
+  # Seed of the sampling noise (int): --mode=sample / eval draw sample j from fold_in(key(seed), j); the
+  # evaluator during training uses one fixed stream derived from it.
   sampling.seed = 1
 
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
-  # Save every this many steps (and at the end).
+  # Save a checkpoint every this many steps (int > 0); also at the end and on preemption.
   checkpoint.every_steps = 500
-  # Keep at most this many checkpoints.
+  # Keep at most this many checkpoints, the newest (int > 0).
   checkpoint.max_to_keep = 3
   return config

@@ -102,3 +102,29 @@ def test_readme_config_reference_matches_configs_default():
   from immiscible_jax import config_docs  # pylint: disable=g-import-not-at-top
   readme = open(os.path.join(_ROOT, 'README.md')).read()
   assert config_docs.markdown() in readme, 'regenerate with: python -m immiscible_jax.config_docs'
+  rows = config_docs.reference_rows()
+  assert len(rows) == len(config_checks.flatten(config_checks.default_config()))
+  # Every meaning is its key's own full sentence(s): none cut off mid-sentence, none shared with the next key.
+  assert all(meaning.endswith('.') for _, _, meaning in rows), [k for k, _, m in rows if not m.endswith('.')]
+  assert len({meaning for _, _, meaning in rows}) == len(rows)
+
+
+def _default_config_lines():
+  return open(os.path.join(_ROOT, 'configs', 'default.py')).read().split('\n')
+
+
+@pytest.mark.parametrize('edit', ['shared_comment', 'blank_line'])
+def test_config_reference_refuses_a_key_without_a_comment_of_its_own(edit, tmp_path):
+  from immiscible_jax import config_docs  # pylint: disable=g-import-not-at-top
+  lines = _default_config_lines()
+  at = lines.index('  optim.b2 = 0.999')
+  if edit == 'shared_comment':  # optim.b2 then sits under optim.b1's comment, as a shared comment would
+    while lines[at - 1].lstrip().startswith('#'):
+      del lines[at - 1]
+      at -= 1
+  else:
+    lines.insert(at, '')
+  path = tmp_path / 'default.py'
+  path.write_text('\n'.join(lines))
+  with pytest.raises(config_docs.UndocumentedKeyError, match=r'default.py:\d+: config key optim.b2 has no comment'):
+    config_docs.markdown(str(path))
