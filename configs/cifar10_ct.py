@@ -1,7 +1,8 @@
 """CIFAR-10 consistency training (CT), Song et al. 2023, with the paper's NCSN++ (56,395,651 parameters).
 
   python -m immiscible_jax.main --config=configs/cifar10_ct.py --workdir=gs://BUCKET/ct \
-      --config.assignment.method=hungarian --config.assignment.scope=global
+      --config.assignment.method=auction --config.assignment.scope=global
+(auction: the assignment method README recommends on GPUs/TPUs; use jv for exact assignment on CPU.)
 Paper (Table 3, CT on CIFAR-10): batch 512, K = 800k iterations, RAdam lr 4e-4, mu0 = 0.9, s0 = 2, s1 = 150,
 sampling EMA 0.9999, LPIPS metric; published FID 8.70 (1 step) / 5.83 (2 steps). LPIPS weights cannot be
 shipped, so this uses squared L2 (set training.loss='pseudo_huber' for iCT's metric); expect worse FIDs than

@@ -1,7 +1,7 @@
 """CIFAR-10 improved consistency training (iCT), Song & Dhariwal 2023.
 
   python -m immiscible_jax.main --config=configs/cifar10_ict.py --workdir=gs://BUCKET/ict \
-      --config.assignment.method=hungarian --config.assignment.scope=global
+      --config.assignment.method=auction --config.assignment.scope=global
 iCT changes to CT, all implemented: no target EMA (target = stop_gradient(online)), pseudo-Huber metric with
 c = 0.00054 sqrt(d), lognormal noise-level sampling (P_mean -1.1, P_std 2.0), doubling curriculum 10 -> 1280,
 weighting 1/(sigma_{i+1} - sigma_i), shared dropout masks for the two branches, lower Fourier scale.

@@ -141,15 +141,15 @@ def get_config():
   assignment.jv_warm_start_iterations = 40
   # 'jv' augmenting-row-reduction bids per row (int >= 0) before its Dijkstra augmentations.
   assignment.jv_arr_sweeps = 1
-  # 'auction' bid increment, relative to the cost's std (smaller: closer to optimal, more rounds needed).
+  # 'auction' bid increment relative to the cost's std (> 0; smaller: closer to optimal, needs more rounds).
   assignment.auction_epsilon = 0.01
-  # 'auction' warm-start Sinkhorn epsilon, relative to the cost's std.
+  # 'auction' warm-start Sinkhorn epsilon relative to the cost's std (> 0).
   assignment.auction_warm_start_epsilon = 0.1
-  # 'auction' warm-start Sinkhorn iterations (0 = start from column minima); each is one loop step.
+  # 'auction' warm-start Sinkhorn iterations (int >= 0; 0 = start from column minima); each is one loop step.
   assignment.auction_warm_start_iterations = 10
-  # 'auction' cap on bidding rounds (loop steps); rows still unplaced then take free columns in parallel.
+  # 'auction' cap on bidding rounds (int >= 0; loop steps); rows still unplaced then take free noise in parallel.
   assignment.auction_max_rounds = 80
-  # 'auction' cap on rounds of parallel pairwise swaps after bidding (0 = none); each lowers the total cost.
+  # 'auction' cap on rounds of parallel pairwise swaps after bidding (int >= 0; 0 = none); each lowers the cost.
   assignment.auction_swap_rounds = 4
 
   config.optim = optim = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 r"""Ablation on CIFAR-10 at full scale, for TPU pods or GPU clusters (not run here): assignment.method in
-{none, hungarian, sinkhorn, knn} x seeds {0, 1, 2} (12 arms) on the CT recipe, assignment over the global batch.
+{none, auction, sinkhorn, knn} x seeds {0, 1, 2} (12 arms) on the CT recipe, assignment over the global batch.
+'auction' is the near-exact method with the fewest loop steps (README: which method on GPU/TPU).
 
   python -m launch.tpu_pod --tpu=NAME --zone=ZONE setup
   python -m launch.sweep --sweep=configs/sweeps/assignment_cifar10.py --runner=tpu_pod --tpu=NAME --zone=ZONE \
@@ -7,7 +8,7 @@ r"""Ablation on CIFAR-10 at full scale, for TPU pods or GPU clusters (not run he
   python -m launch.report gs://BUCKET/ablation_cifar10 --metric=eval/fid --out=reports/ablation_cifar10
 """
 CONFIG = 'configs/cifar10_ct.py'
-METHODS = ('none', 'hungarian', 'sinkhorn', 'knn')
+METHODS = ('none', 'auction', 'sinkhorn', 'knn')
 SEEDS = (0, 1, 2)
 # Shared by every arm: solve the assignment over the whole global batch (captures more of the distance reduction).
 COMMON = {'assignment.scope': 'global'}
