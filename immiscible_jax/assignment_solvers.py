@@ -8,7 +8,7 @@ cap was hit ('converged') and how many loop iterations ran ('sequential_steps': 
 accelerator pays per iteration; immiscible_jax/loop_steps.py measures the same from outside).
 
 The exact solver here, `jv`, is Jonker & Volgenant's shortest-augmenting-path method (Computing 38, 1987)
-warm-started from the column potentials of a few log-domain Sinkhorn iterations. Its state keeps column
+warm-started from the column potentials of a few kernel-domain Sinkhorn iterations. Its state keeps column
 duals `v` and, implicitly, row duals u_i = C[i, perm[i]] - v[perm[i]] for assigned rows; every step keeps
 C - u - v >= 0 with equality on assigned pairs, so when all rows are assigned the permutation is optimal.
 On XLA:CPU each while-loop iteration costs microseconds, so the aim is to reach a near-complete matching
@@ -290,7 +290,8 @@ def _bid_round(cost, v, row4col, col4row, eps, block):
   """One Jacobi auction round: every bidding row offers for its best column under the potentials v (reduced
   cost C - v; a lower v[j] is a higher price), lowering v[j] by its margin over its second-best column plus
   eps; each column takes the best offer and its previous owner becomes free. The winner ends within eps of
-  its best column, and prices only rise, so at the end cost <= optimum + eps * (rows placed)."""
+  its best column and prices only rise, so if bidding places every row, the total cost is within B * eps of
+  the optimum (Bertsekas' eps-complementary slackness)."""
   n = cost.shape[0]
   rows, valid = _bidders(col4row, block)
   w = cost[jnp.minimum(rows, n - 1)] - v[None, :]  # [block, B]

@@ -199,7 +199,9 @@ def capped_fn():
   auction, each with default loop caps and with caps too small to finish."""
   jv = functools.partial(assignment_solvers.jv, warm_start_iterations=0, arr_sweeps=0, return_stats=True)
   auction = functools.partial(assignment_solvers.auction, return_stats=True)
+  sinkhorn = lambda c: assignment_solvers.sinkhorn(c, 0.05, 10, 1e-9, arr_sweeps=0, return_stats=True)
   return jax.jit(lambda c: dict(jv=jv(c), jv_capped=jv(c, max_dijkstra_steps=1), auction=auction(c),
+                                sinkhorn_capped=sinkhorn(c),
                                 auction_one_round=auction(c, max_rounds=1, swap_rounds=0),
                                 auction_one_round_then_swaps=auction(c, max_rounds=1),
                                 auction_no_fill=auction(c, max_rounds=1, fill_rounds=0, swap_rounds=1)))
@@ -213,6 +215,7 @@ def test_loop_guards_stop_their_loops_and_the_result_is_still_a_permutation():
     assert sorted(np.asarray(perm).tolist()) == list(range(batch)), name
   perm, stats = out['jv']
   assert stats['converged'] and stats['dijkstra_steps'] > 2 * stats['free_after_arr']  # multi-step searches
+  assert stats['arr_steps'] == 0 and stats['flips'] <= stats['dijkstra_steps']  # arr_sweeps=0 caps the bids
   np.testing.assert_allclose(cost[np.arange(batch), np.asarray(perm)].sum(), optimum(cost.astype(np.float64)),
                              rtol=1e-5)
   # One step per search: searches end unfinished (reported), the rows they left are still placed.
@@ -225,6 +228,9 @@ def test_loop_guards_stop_their_loops_and_the_result_is_still_a_permutation():
   assert out['auction_one_round_then_swaps'][1]['swap_rounds'] > 1
   _, stats = out['auction_no_fill']  # the rows left after one round are placed in index order
   assert stats['fill_rounds'] == 0 and stats['swap_rounds'] == 1
+  _, stats = out['sinkhorn_capped']  # 10 Sinkhorn iterations, no row-reduction bids, then the fill
+  assert stats['sinkhorn_iterations'] == 10 and not stats['converged'] and stats['arr_steps'] == 0
+  assert stats['fill_steps'] > 0
 
 
 def test_loop_steps_counts_every_iteration_of_nested_and_data_dependent_loops():
