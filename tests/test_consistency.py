@@ -1,6 +1,7 @@
 """Schedules, parameterisation and losses against values computed here from the papers' formulas."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -134,3 +135,67 @@ def test_consistency_loss_zero_when_pair_collapses_and_uses_shared_noise():
   assert float(loss) == pytest.approx(expected.mean(), rel=1e-4)
   grads = jax.grad(lambda p: consistency.consistency_loss(net, p, p, images, noise, pairs, cfg, None)[0])(params)
   assert np.isfinite(float(grads['w'])) and float(grads['w']) != 0.0
+
+
+def _nonlinear_net(variables, x, c_noise, train, rngs):  # pylint: disable=unused-argument
+  """A stand-in network, nonlinear in its parameters and input, so both branches have a gradient."""
+  p = variables['params']
+  return jnp.tanh(p['w'] * x + p['b'] * c_noise[:, None, None, None])
+
+
+def test_ict_gradient_flows_through_the_online_branch_only():
+  """train_step hands iCT's online parameters to consistency_loss as the target too; the loss must stop their
+  gradient. Reference: the same loss written out with the target computed beforehand as a numpy constant (an
+  explicitly detached target)."""
+  cfg = _training_cfg(recipe='ict', loss='pseudo_huber')
+  params = {'w': jnp.float32(0.7), 'b': jnp.float32(0.3)}
+  images = jax.random.normal(jax.random.key(4), (4, 4, 4, 1))
+  noise = jax.random.normal(jax.random.key(5), (4, 4, 4, 1))
+  lo, hi = jnp.array([0.5, 1.0, 2.0, 4.0]), jnp.array([0.8, 1.5, 3.0, 6.0])
+  pairs = consistency.PairSample(lo, hi, 1.0 / (hi - lo))
+  grads = jax.jit(jax.grad(lambda p: consistency.consistency_loss(_nonlinear_net, p, p, images, noise, pairs, cfg,
+                                                                  None)[0]))(params)
+  sig = lambda s: s[:, None, None, None]
+  f = lambda p, sigma: consistency.denoise(_nonlinear_net, p, images + sig(sigma) * noise, sigma, 0.002, 0.5)
+  c = 0.00054 * math.sqrt(16)
+
+  def loss(p, target):  # iCT eq. (5) with the pseudo-Huber metric and lambda = 1 / (sigma_{i+1} - sigma_i)
+    d = jnp.sqrt(jnp.sum((f(p, hi) - target).reshape(4, -1) ** 2, axis=-1) + c ** 2) - c
+    return jnp.mean(d / (hi - lo))
+
+  detached = np.asarray(jax.jit(f)(params, lo))
+  online_only = jax.jit(jax.grad(lambda p: loss(p, detached)))(params)
+  both_branches = jax.jit(jax.grad(lambda p: loss(p, f(p, lo))))(params)
+  for name in params:
+    np.testing.assert_allclose(grads[name], online_only[name], rtol=1e-5)
+    # Without the stop-gradient the gradient would differ: this test can tell the two apart.
+    assert abs(float(both_branches[name] - online_only[name])) > 0.05 * abs(float(online_only[name]))
+
+
+class _DropoutNet(nn.Module):
+  """A small Flax network with dropout between two convolutions (cheap to compile, unlike NCSN++)."""
+
+  @nn.compact
+  def __call__(self, x, c_noise, train):
+    h = nn.Conv(8, (3, 3))(x) + c_noise[:, None, None, None]
+    h = nn.Dropout(0.5, deterministic=not train)(nn.silu(h))
+    return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
+def test_online_and_target_share_the_dropout_mask():
+  """A model with dropout: the same key gives the same mask (same outputs), another key another mask; in the
+  loss both branches get the one key, so a collapsed pair (same input, same parameters) is at distance 0."""
+  model = _DropoutNet()
+  images = jax.random.uniform(jax.random.key(6), (4, 8, 8, 1), minval=-1.0, maxval=1.0)
+  noise = jax.random.normal(jax.random.key(7), images.shape)
+  sigma = jnp.full((4,), 1.0)
+  params = jax.jit(lambda key: model.init(key, images, sigma, train=False))(jax.random.key(8))['params']
+  f = jax.jit(lambda key: consistency.denoise(model.apply, params, images + noise, sigma, 0.002, 0.5, True, key))
+  same, again, other = f(jax.random.key(1)), f(jax.random.key(1)), f(jax.random.key(2))
+  np.testing.assert_array_equal(same, again)
+  assert float(jnp.mean(jnp.abs(same - other))) > 1e-3  # the mask shows in the output
+  collapsed = consistency.PairSample(sigma, sigma, jnp.ones(4))
+  cfg = _training_cfg(recipe='ict', loss='l2')
+  _, dist = jax.jit(lambda key: consistency.consistency_loss(model.apply, params, params, images, noise, collapsed,
+                                                             cfg, key))(jax.random.key(1))
+  np.testing.assert_array_equal(dist, np.zeros(4))
