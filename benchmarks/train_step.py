@@ -8,7 +8,6 @@ Every method runs in the same process on the same batch: compile, warm up, then 
 times and report the median images/s and the overhead of each method relative to method 'none'.
 """
 import argparse
-import functools
 import importlib.util
 import json
 import platform
@@ -23,7 +22,7 @@ warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from immiscible_jax import data, models, train  # pylint: disable=g-import-not-at-top
+from immiscible_jax import data, models, replicas, train, train_state  # pylint: disable=g-import-not-at-top
 
 
 def load_config(path):
@@ -37,12 +36,10 @@ def time_method(config, method, batch, steps, repeats):
   config = config.copy_and_resolve_references()
   config.assignment.method = method
   model = models.create_model(config.model, config.data.channels)
-  optimizer = train.create_optimizer(config.optim)
-  init = functools.partial(train.create_train_state, model=model, image_shape=data.image_shape(config.data),
-                           optimizer=optimizer, recipe=config.training.recipe)
-  state = train.replicate(jax.jit(init)(jax.random.key(0)))
+  optimizer = train_state.create_optimizer(config.optim)
+  state = replicas.replicate(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
   p_step = train.make_p_train_step(model, optimizer, config)
-  sharded = train.shard_batch(batch)
+  sharded = replicas.shard_batch(batch)
   t0 = time.perf_counter()
   state, metrics = p_step(state, sharded)
   jax.block_until_ready(metrics)

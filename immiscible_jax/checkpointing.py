@@ -9,8 +9,6 @@ Orbax does not notice flipped bytes inside an array file, so meta also holds a C
 (about 4 GB/s here), checked after each restore.
 """
 import logging
-import os
-import threading
 import zlib
 
 import grain
@@ -18,31 +16,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# Test-only hook: the save of this step stops just before its commit (the rename), as if the process were
-# killed mid-write (see tests/test_reliability.py).
-BLOCK_COMMIT_ENV = 'IMMISCIBLE_JAX_TEST_BLOCK_COMMIT_AT_STEP'
-
-
-class _CommitBlockingPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
-  """Orbax's atomic-rename step directory whose commit never happens for the step named in the env var."""
-
-  async def finalize(self):
-    if self.get_final().name == os.environ.get(BLOCK_COMMIT_ENV):
-      print(f'test hook: step {self.get_final().name} is written to {self.get()} and blocked before its '
-            'commit', flush=True)
-      threading.Event().wait()  # Until the test kills the process.
-    await super().finalize()
+from immiscible_jax import errors
 
 
 def create_manager(workdir, ckpt_config, read_only=False):
-  blocking = os.environ.get(BLOCK_COMMIT_ENV) and not read_only
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_config.max_to_keep, create=not read_only, read_only=read_only,
       # Interval is decided by the trainer (it also saves on preemption and at the end).
       save_interval_steps=1,
       # Partial steps of a killed run: remove them (they are never restored either way).
-      cleanup_tmp_directories=not read_only,
-      temporary_path_class=_CommitBlockingPath if blocking else None)
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(f'{workdir}/checkpoints', options=options,
                                item_names=('state', 'data_iter', 'meta'))
 
@@ -78,7 +61,8 @@ def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warn
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise ValueError(f'no checkpoint at step {step} in {manager.directory}; available: {sorted(steps)}')
+      raise errors.ConfigError(f'--step={step}: no checkpoint at that step in {manager.directory}; '
+                               f'allowed: {errors.allowed_values(sorted(steps))}')
     steps = [step]
   if not steps:
     return None
@@ -110,20 +94,3 @@ def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warn
     return candidate, restored['state'], meta
   raise RuntimeError(f'no readable checkpoint in {manager.directory}:\n  ' + '\n  '.join(errors) +
                      '\nMove the directory away to start from scratch.')
-
-
-def _first_replica(x):
-  # This process's first shard, copied to the host. `x[0]` would run a gather program whose collective spans
-  # the local devices: one launch per leaf, and with several processes on CPU it deadlocked against the
-  # other process's save barrier.
-  if isinstance(x, jax.Array):
-    return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
-  return np.asarray(x)[0]
-
-
-def host_state(replicated_state):
-  """The first replica of a pmap-replicated state, as host numpy arrays (what every process saves).
-
-  A local read, no device computation: after the step's pmean every replica is equal, in every process.
-  """
-  return jax.tree_util.tree_map(_first_replica, replicated_state)

@@ -10,14 +10,14 @@ import os
 
 import flax.jax_utils
 import jax
-import numpy as np
 
 from immiscible_jax import checkpointing
 from immiscible_jax import data
+from immiscible_jax import errors
 from immiscible_jax import evaluation
 from immiscible_jax import models
 from immiscible_jax import sampling
-from immiscible_jax import train
+from immiscible_jax import train_state
 
 
 def metric_name(eval_config):
@@ -43,11 +43,15 @@ def frechet_to_reference(config, extractor, reference, images_uint8):
 
 
 class TrainingEvaluator:
-  """Draws eval.num_samples one-step samples from the EMA parameters and returns {metric name: value}."""
+  """The evaluator the training loop runs (main.py builds it; train.train_and_evaluate calls it).
 
-  def __init__(self, config, model, workdir):
-    del workdir
+  Called with (replicated train state, step): draws eval.num_samples one-step samples from the EMA parameters
+  and returns {metric name: value}. Building it computes (or loads the cached) reference statistics.
+  """
+
+  def __init__(self, config):
     self._config = config
+    model = models.create_model(config.model, config.data.channels)
     self._sampler = _sampler(config, model, (config.training.sigma_max,))
     self._extractor = evaluation.create_extractor(config.eval)
     self._reference = _reference_stats(config, self._extractor)
@@ -64,13 +68,13 @@ class TrainingEvaluator:
 def restore_ema_params(config, workdir, step=None):
   """(step, EMA params) of a checkpoint, opened read-only."""
   model = models.create_model(config.model, config.data.channels)
-  init = functools.partial(train.create_train_state, model=model, image_shape=data.image_shape(config.data),
-                           optimizer=train.create_optimizer(config.optim), recipe=config.training.recipe)
+  init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
   abstract = jax.eval_shape(init, jax.random.key(0))
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
   restored = checkpointing.restore(manager, abstract, step=step)
   if restored is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first (--mode=train)')
+    raise errors.ConfigError(f'--workdir={workdir}: no checkpoint in {workdir}/checkpoints; train first '
+                             '(--mode=train)')
   found_step, state, _ = restored
   return found_step, state.ema_params, model
 

@@ -5,11 +5,15 @@ r"""Entry point: train, sample or evaluate a consistency model from a config fil
   python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=sample [--step=N]
   python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=eval [--samples=PATH]
 
+Bad input (a config value, a data folder, a flag) ends in one line on stderr, `error: <key>: <what is wrong>`,
+and exit status 2; with --traceback the error is raised instead, with its Python traceback.
+
 Several hosts: set IMMISCIBLE_JAX_DISTRIBUTED=1 (the launchers in launch/ do) and every process calls
 jax.distributed.initialize(); on TPU VMs and SLURM it finds its peers itself, elsewhere it reads
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
 import os
+import re
 import sys
 import warnings
 
@@ -26,6 +30,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and sam
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
 flags.DEFINE_integer('step', None, 'sample / eval: checkpoint step (default: the latest).')
 flags.DEFINE_string('samples', None, 'eval: a .npz or a directory of shards (default: fresh samples).')
+flags.DEFINE_bool('traceback', False, 'On a config or input error, show the Python traceback, not one line.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -55,36 +60,68 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
   # Imported after initialize(): nothing may touch the backend before it.
-  from immiscible_jax import config_checks, evaluators, train  # pylint: disable=g-import-not-at-top
-  config = FLAGS.config
-  config_checks.validate(config)
+  from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    _run(FLAGS.config)
+  except errors.ConfigError as e:
+    if FLAGS.traceback:
+      raise
+    _fail(str(e))
+
+
+def _run(config):
+  """Validates, then runs one mode. The evaluator is built here and handed to the trainer."""
+  from immiscible_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.validate(config)  # before the heavier imports below, and before anything compiles
+  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
   # Orbax wants absolute paths; leave URLs such as gs://bucket/run alone.
   workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
   if '://' not in workdir:
     os.makedirs(workdir, exist_ok=True)
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(config, workdir)
+    evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
+    train.train_and_evaluate(config, workdir, evaluator=evaluator)
   elif FLAGS.mode == 'sample':
     evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:
     evaluators.evaluate(config, workdir, FLAGS.step, FLAGS.samples)
 
 
+def _fail(message):
+  """Bad input: one line on stderr and exit status 2 (as argparse does for usage errors)."""
+  sys.stderr.write(f'error: {" ".join(message.split())}\n')
+  sys.exit(2)
+
+
+def _flag_error(text):
+  """absl's 'flag --config.a.b=v: reason' -> 'a.b: reason (in --config.a.b=v)'; other flags keep their name."""
+  match = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', text, re.DOTALL)
+  if match:
+    key, value, reason = match.groups()
+    return f'{key}: {reason} (in --config.{key}={value})'
+  match = re.match(r'flag (--\w+)=.*?: (.*)', text, re.DOTALL)
+  return f'{match.group(1)}: {match.group(2)}' if match else text
+
+
 def _parse_flags(argv):
-  """absl's parser, except that a misspelt --config.KEY ends in one line, not ml_collections' traceback."""
+  """absl's parser, except that every error is one line (`error: ...`, exit status 2), a misspelt
+  --config.KEY included (ml_collections would raise a KeyError with a traceback)."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(_flag_error(str(e)))
   except (AttributeError, KeyError) as e:  # ml_collections: KeyError("'nf'\nDid you mean ..."), maybe wrapped.
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     text = e.args[0] if e.args and isinstance(e.args[0], str) else ''
     name = text.split("'")[1] if text.startswith("'") else None
-    culprits = [a.split('=')[0] for a in argv[1:]
+    culprits = [a.split('=')[0][len('--config.'):] for a in argv[1:]
                 if name and a.startswith('--config.') and f'.{name}' in a.split('=')[0]]
     if not culprits:
       raise
-    sys.exit(f'FATAL Flags parsing error: unknown config key in {" ".join(culprits)}. {text.splitlines()[-1]} '
-             '(configs/default.py lists every key)')
+    suggestion = text.splitlines()[-1] if '\n' in text else ''  # 'Did you mean "num_steps" instead of ...?'
+    hint = f'; {suggestion[:1].lower()}{suggestion[1:]}' if suggestion else ''
+    _fail(f'{" ".join(culprits)}: unknown config key{hint} (configs/default.py lists every key)')
 
 
 if __name__ == '__main__':

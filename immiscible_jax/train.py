@@ -1,18 +1,20 @@
-"""Consistency training: the train state, the pmapped step and the loop that logs, evaluates and checkpoints.
+"""Consistency training: the pmapped train step, and the loop that logs, evaluates and checkpoints.
 
-One step, one call site per idea (DESIGN.md §2): images -> noise -> assignment -> noise-level pair ->
-online / target consistency functions -> loss -> grads pmean'd over 'batch' -> optax -> EMA / target update.
+The batch's path through `train_step`, top to bottom, one call site per idea:
+  images -> noise (one stream per global example) -> assignment (permute the noise to the images, or pick per
+  image with KNN) -> noise-level pair (sigma_i, sigma_{i+1}) per example -> online and target consistency
+  functions (same noise, same dropout mask) -> loss -> gradients pmean'd over the device axis -> optax update
+  -> EMA and (CT) target update -> metrics, pmean'd.
 Randomness: step key = fold_in(key(seed), step); noise and noise levels are drawn per *global example index*, so
-a run does not depend on how the global batch is split over devices and hosts (only dropout and KNN's extra
+a run does not depend on how the global batch is split over a host's devices (only dropout and KNN's extra
 candidates are drawn per device).
+The state and its factories are in train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
 import functools
 import json
 import os
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,48 +29,10 @@ from immiscible_jax import data
 from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import preemption
+from immiscible_jax import replicas
+from immiscible_jax import train_state
 
-AXIS = 'batch'
-# Test-only hook: the loss becomes NaN at this step (see tests/test_reliability.py).
-_NAN_STEP_ENV = 'IMMISCIBLE_JAX_TEST_NAN_AT_STEP'
-
-
-@flax.struct.dataclass
-class TrainState:
-  """What a run carries from step to step (all of it is checkpointed)."""
-  step: jax.Array       # [] int32, optimisation steps taken
-  params: Any           # online parameters theta
-  target_params: Any    # CT: EMA target theta^- ; iCT: {} (its target is stop_gradient(theta))
-  ema_params: Any       # EMA of theta with decay training.ema_rate, used for sampling and evaluation
-  opt_state: Any
-
-
-def learning_rate_schedule(optim_cfg):
-  if optim_cfg.warmup_steps > 0:
-    return optax.linear_schedule(0.0, optim_cfg.learning_rate, optim_cfg.warmup_steps)
-  return optax.constant_schedule(optim_cfg.learning_rate)
-
-
-def create_optimizer(optim_cfg):
-  make = {'adam': optax.adam, 'radam': optax.radam}[optim_cfg.optimizer]
-  opt = make(learning_rate_schedule(optim_cfg), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
-  if optim_cfg.grad_clip > 0:
-    opt = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), opt)
-  return opt
-
-
-def create_train_state(key, model, image_shape, optimizer, recipe):
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  params = model.init(key, x, jnp.zeros((1,), jnp.float32), train=False)['params']
-  return TrainState(step=jnp.int32(0), params=params,
-                    target_params=params if recipe == 'ct' else {},
-                    ema_params=params, opt_state=optimizer.init(params))
-
-
-def run_keys(seed):
-  """(parameter-init key, base of the per-step keys) of a run: independent streams from one seed."""
-  init_key, step_base = jax.random.split(jax.random.key(seed))
-  return init_key, step_base
+AXIS = replicas.AXIS
 
 
 def draw_noise(key, example_ids, image_shape):
@@ -82,36 +46,42 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   images = batch['image']                                             # [B_dev, H, W, C] in [-1, 1]
   b_dev = images.shape[0]
   device = jax.lax.axis_index(AXIS)
-  step_key = jax.random.fold_in(run_keys(config.seed)[1], state.step)
+  example_ids = device * b_dev + jnp.arange(b_dev)                    # [B_dev] global example index
+  step_key = jax.random.fold_in(train_state.run_keys(config.seed)[1], state.step)
   noise_key, pair_key, dropout_key, assign_key = jax.random.split(step_key, 4)
-  example_ids = device * b_dev + jnp.arange(b_dev)                    # global example index
 
-  noise = draw_noise(noise_key, example_ids, images.shape[1:])
-  # assign_noise folds the device index into assign_key itself (knn draws differ per device).
+  # 1. Noise per example, then assigned to the images. assign_noise folds the device index into assign_key
+  #    itself (knn draws differ per device).
+  noise = draw_noise(noise_key, example_ids, images.shape[1:])       # [B_dev, H, W, C]
   noise, info = assignment.assign_noise(images, noise, assign_key, config.assignment, axis_name=AXIS)
-  num_scales = consistency.num_scales(state.step, tcfg)
+  # 2. The noise-level pair of each example on the current grid of N(k) levels.
+  num_scales = consistency.num_scales(state.step, tcfg)               # [] int32, N(k)
   pairs = consistency.sample_pairs(jax.vmap(lambda i: jax.random.fold_in(pair_key, i))(example_ids),
                                    num_scales, tcfg, tcfg.recipe)
 
+  # 3. Loss and gradients. CT's target is the EMA theta^-; iCT's is theta itself, which consistency_loss
+  #    stops the gradient of. One dropout key for both branches, so they share the dropout mask.
   def loss_fn(params):
-    target = state.target_params if tcfg.recipe == 'ct' else params   # iCT: stop_gradient(theta)
+    target = state.target_params if tcfg.recipe == 'ct' else params
     loss, _ = consistency.consistency_loss(apply_fn, params, target, images, noise, pairs, tcfg,
                                            jax.random.fold_in(dropout_key, device))
-    if os.environ.get(_NAN_STEP_ENV):
-      loss = jnp.where(state.step == int(os.environ[_NAN_STEP_ENV]), jnp.nan, loss)
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
+
+  # 4. Optimizer step, then the EMA for sampling and (CT) the target: theta^- <- mu theta^- + (1 - mu) theta.
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - tcfg.ema_rate)
   target_params = state.target_params
-  if tcfg.recipe == 'ct':  # theta^- <- stop_gradient(mu theta^- + (1 - mu) theta)
+  if tcfg.recipe == 'ct':
     mu = consistency.ct_target_ema(num_scales, tcfg.s0, tcfg.mu0)
     target_params = optax.incremental_update(params, target_params, 1.0 - mu)
-  new_state = TrainState(step=state.step + 1, params=params, target_params=target_params,
-                         ema_params=ema_params, opt_state=opt_state)
+  new_state = train_state.TrainState(step=state.step + 1, params=params, target_params=target_params,
+                                     ema_params=ema_params, opt_state=opt_state)
+
+  # 5. Metrics, averaged over the devices.
   metrics = {
       'train/loss': loss,
       'train/grad_norm': optax.global_norm(grads),
@@ -128,106 +98,92 @@ def make_p_train_step(model, optimizer, config, devices=None):
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
-def replicate(tree, devices=None):
-  """Copies a host pytree of arrays to every local device with the sharding pmap gives its outputs (mesh
-  axis 'batch'), so feeding the first step's outputs back does not compile the step a second time."""
-  devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  n = len(devices)
-  stack = lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
-  return jax.tree_util.tree_map(lambda x: jax.device_put(stack(x), sharding), tree)
-
-
-def shard_batch(batch, num_devices=None):
-  """[B_host, ...] -> [local_devices, B_host // local_devices, ...]."""
-  n = num_devices or jax.local_device_count()
-  return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-
-
-def summarize(metric_list, lr):
-  """Averages the per-step metrics since the last log; adds the derived assignment reduction."""
-  host = [checkpointing.host_state(m) for m in metric_list]  # local reads, as for the state
-  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def summarize(per_step, lr):
+  """Means of the per-step metrics ({name: [steps]} on the host) since the last log, the derived assignment
+  reduction, and the learning rate."""
+  mean = {k: float(np.mean(v)) for k, v in per_step.items()}
   before, after = mean['assignment/distance_before'], mean['assignment/distance_after']
   mean['assignment/reduction_pct'] = 100.0 * (before - after) / before if before > 0 else 0.0
   mean['train/lr'] = lr
   return mean
 
 
-def _is_finite(scalars):
-  return all(np.isfinite(v) for v in scalars.values())
-
-
 class NonFiniteError(RuntimeError):
   pass
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step=None):
+def _restore_or_init(config, workdir, model, optimizer, data_iter, manager, writer):
+  """The run's state: 1. the newest readable checkpoint in workdir/checkpoints (it also restores the data
+  position), 2. a fresh one from the seed. The saved config is checked before any array is read: a changed
+  experiment is refused, not skipped."""
+  init = train_state.initializer(config, model, optimizer)
+  init_key = train_state.run_keys(config.seed)[0]
+  check = lambda meta: config_checks.check_resume_compatible(meta['config'], config)
+  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), data_iter, log=writer.log,
+                                   check_meta=check)
+  if restored is None:
+    writer.log(f'training from scratch in {workdir}')
+    return jax.jit(init)(init_key)
+  step, state, _ = restored
+  writer.log(f'resumed from step {step} in {workdir}')
+  return state
+
+
+def _write_json(workdir, name, text):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(text)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluator=None, stop_at_step=None):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
-  Resume order: 1. the newest readable checkpoint in workdir/checkpoints, 2. from scratch.
+  evaluator: (replicated state, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
+  and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after this step, as if preempted there; the schedules still
   follow training.num_steps. Returns the final host TrainState.
   """
   config_checks.validate(config)
   tcfg = config.training
-  image_shape = data.image_shape(config.data)
   model = models.create_model(config.model, config.data.channels)
-  optimizer = create_optimizer(config.optim)
-  lr_fn = learning_rate_schedule(config.optim)
+  optimizer = train_state.create_optimizer(config.optim)
+  lr_fn = train_state.learning_rate_schedule(config.optim)
   data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed)
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
+  state = _restore_or_init(config, workdir, model, optimizer, data_iter, manager, writer)
+  _write_json(workdir, 'config.json', config.to_json(indent=2))
 
-  init = functools.partial(create_train_state, model=model, image_shape=image_shape, optimizer=optimizer,
-                           recipe=tcfg.recipe)
-  init_key = run_keys(config.seed)[0]
-  # The saved config is checked before any array is read: a changed experiment is refused, not skipped.
-  check = lambda meta: config_checks.check_resume_compatible(meta['config'], config)
-  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), data_iter, log=writer.log,
-                                   check_meta=check)
-  if restored is None:
-    state = jax.jit(init)(init_key)
-    writer.log(f'training from scratch in {workdir}')
-  else:
-    step, state, meta = restored
-    writer.log(f'resumed from step {step} in {workdir}')
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
-
-  start = int(state.step)
-  p_state = replicate(state)
+  p_state = replicas.replicate(state)
   p_step = make_p_train_step(model, optimizer, config)
-  evaluator = _make_evaluator(config, model, workdir)
   flag = preemption.install()
   meta = {'config': config.to_dict()}
-  pending, t0, step = [], time.time(), start
+  every_eval = config.eval.every_steps
+  pending, t0, step = [], time.time(), int(state.step)
   try:
     while step < tcfg.num_steps:
-      p_state, metrics = p_step(p_state, shard_batch(next(data_iter)))
-      pending.append(metrics)
+      p_state, metrics = p_step(p_state, replicas.shard_batch(next(data_iter)))
+      pending.append(jax.tree_util.tree_map(replicas.first_replica, metrics))  # on the device until the log
       step += 1
       last = step == tcfg.num_steps
       preempted = flag.should_stop(step) or step == stop_at_step
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
       if step % tcfg.log_every_steps == 0 or save_now:
-        scalars = summarize(pending, float(lr_fn(step - 1)))
+        scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
         scalars['perf/images_per_sec'] = len(pending) * tcfg.batch_size / (time.time() - t0)
         writer.write(step, scalars)
         first, pending, t0 = step - len(pending) + 1, [], time.time()  # first: the window's first step
-        if not _is_finite(scalars):
+        if not all(np.isfinite(v) for v in scalars.values()):
           raise NonFiniteError(
               f'non-finite loss or gradients between steps {first} and {step} '
               f'(metrics written to metrics.jsonl); the last checkpoint, step {manager.latest_step()}, is '
               'untouched.')
-      if evaluator is not None and (step % config.eval.every_steps == 0 or last):
+      if evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0)):
         writer.write(step, evaluator(p_state, step))
         t0 = time.time()
       if save_now:
         manager.check_for_errors()  # a failed background save must stop the run, not pass unnoticed
-        checkpointing.save(manager, step, checkpointing.host_state(p_state), data_iter, meta)
+        checkpointing.save(manager, step, replicas.host_state(p_state), data_iter, meta)
       if preempted:
         manager.wait_until_finished()
         writer.log(f'preempted: saved step {step} to {manager.directory}; exiting')
@@ -236,14 +192,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     manager.wait_until_finished()
     writer.close()
     flag.uninstall()
-  if step == tcfg.num_steps and jax.process_index() == 0:
-    with open(os.path.join(workdir, 'done.json'), 'w') as f:
-      json.dump({'step': step}, f)
-  return checkpointing.host_state(p_state)
-
-
-def _make_evaluator(config, model, workdir):
-  if config.eval.every_steps <= 0:
-    return None
-  from immiscible_jax import evaluators  # pylint: disable=g-import-not-at-top  # heavier imports only when used
-  return evaluators.TrainingEvaluator(config, model, workdir)
+  if step == tcfg.num_steps:
+    _write_json(workdir, 'done.json', json.dumps({'step': step}))
+  return replicas.host_state(p_state)

@@ -1,11 +1,12 @@
 """Fault injection on the tiny config: SIGTERM, SIGKILL mid-commit, corrupt checkpoints, config drift, NaN.
 
-Signals and hooks go to `python -m immiscible_jax.main` subprocesses; references and resumes run in process.
+Signals go to `python -m immiscible_jax.main` subprocesses; references and resumes run in process. The faults
+are injected from here, not by hooks in the code under test: the blocked commit by patching Orbax in the
+subprocess (_BLOCKED_COMMIT_MAIN), the NaN by feeding one NaN batch to the training loop.
 Every run shares one schedule (training.num_steps = 1000; the schedules depend on it) and leaves early, so a
 resumed run and the uninterrupted reference (module fixture, steps 0-12, checkpoints at 4, 8, 12) can be
 compared bit for bit. Bad input is in tests/test_validation.py.
 """
-import functools
 import json
 import os
 import re
@@ -21,9 +22,12 @@ import pytest
 
 from configs import tiny
 from immiscible_jax import checkpointing
+from immiscible_jax import errors
 from immiscible_jax import models
 from immiscible_jax import preemption
+from immiscible_jax import replicas
 from immiscible_jax import train
+from immiscible_jax import train_state
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 _OVERRIDES = {'training.num_steps': 1000, 'training.log_every_steps': 2, 'checkpoint.every_steps': 4,
@@ -41,15 +45,35 @@ def _config(**extra):
   return config
 
 
-def _start(workdir, **env):
-  """`python -m immiscible_jax.main` on the tiny config in a subprocess, stdout and stderr merged."""
+# `python -c` program: immiscible_jax.main, with Orbax's commit (the rename of <step>.orbax-checkpoint-tmp to
+# <step>) of the step given as the first argument held open forever, as if the process were killed mid-write.
+_BLOCKED_COMMIT_MAIN = """
+import runpy, sys, threading
+import orbax.checkpoint as ocp
+blocked = sys.argv.pop(1)
+rename = ocp.path.atomicity.AtomicRenameTemporaryPath
+commit = rename.finalize
+async def finalize(self):
+  if self.get_final().name == blocked:
+    print(f'test: step {blocked} is written to {self.get()} and blocked before its commit', flush=True)
+    threading.Event().wait()  # until the test kills the process
+  await commit(self)
+rename.finalize = finalize
+runpy.run_module('immiscible_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def _start(workdir, block_commit_at=None):
+  """`python -m immiscible_jax.main` on the tiny config in a subprocess, stdout and stderr merged; with
+  block_commit_at, the same through _BLOCKED_COMMIT_MAIN."""
   flags = [f'--config.{k}={v}' for k, v in _OVERRIDES.items()]
   full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
               'JAX_COMPILATION_CACHE_DIR': os.path.join(_ROOT, '.cache', 'jax_compilation'),
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1', **env}
-  proc = subprocess.Popen([sys.executable, '-m', 'immiscible_jax.main', '--config=configs/tiny.py',
-                           f'--workdir={workdir}', *flags], cwd=_ROOT, env=full_env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1'}
+  program = ['-m', 'immiscible_jax.main'] if block_commit_at is None else ['-c', _BLOCKED_COMMIT_MAIN,
+                                                                          str(block_commit_at)]
+  proc = subprocess.Popen([sys.executable, *program, '--config=configs/tiny.py', f'--workdir={workdir}', *flags],
+                          cwd=_ROOT, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   timer = threading.Timer(_WATCHDOG_S, proc.kill)
   timer.daemon = True
   timer.start()
@@ -69,9 +93,8 @@ def _read_until(proc, pattern):
 
 def _abstract_state(config):
   model = models.create_model(config.model, config.data.channels)
-  init = functools.partial(train.create_train_state, model=model, image_shape=(8, 8, 1),
-                           optimizer=train.create_optimizer(config.optim), recipe=config.training.recipe)
-  return jax.eval_shape(init, train.run_keys(config.seed)[0])
+  init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
+  return jax.eval_shape(init, train_state.run_keys(config.seed)[0])
 
 
 def _steps(workdir):
@@ -123,8 +146,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_bit_identically(refe
 
 def test_sigkill_during_a_checkpoint_commit_resumes_from_the_previous_step(reference, tmp_path, capsys):
   workdir = str(tmp_path / 'run')
-  proc = _start(workdir, **{checkpointing.BLOCK_COMMIT_ENV: '8'})
-  match, _ = _read_until(proc, r'test hook: step 8 is written to (\S+) and blocked before its commit')
+  proc = _start(workdir, block_commit_at=8)
+  match, _ = _read_until(proc, r'test: step 8 is written to (\S+) and blocked before its commit')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   # The window really is open: step 8's data sits in its temporary directory, its final directory is absent.
   assert match.group(1) == os.path.join(ckpt_dir, '8.orbax-checkpoint-tmp')
@@ -206,14 +229,14 @@ def test_config_drift_is_refused_with_the_differing_keys(reference, tmp_path):
              'model.nf': 2 * base.model.nf, 'model.ch_mult': (*base.model.ch_mult, 2),
              'training.batch_size': 2 * base.training.batch_size,
              'optim.grad_clip': 0.0 if base.optim.grad_clip > 0 else 1.0}
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     train.train_and_evaluate(_config(**changes, **{'training.log_every_steps': 3}), workdir)
   message = str(err.value)
-  assert message.startswith('cannot resume: the workdir holds a run whose config differs')
+  assert message.startswith('cannot resume: the workdir holds a run whose config differs') and '\n' not in message
   for key, now in changes.items():
     saved = base[key.split('.')[0]][key.split('.')[1]]
     saved = list(saved) if isinstance(saved, tuple) else saved  # The saved config went through JSON.
-    assert f'  {key}: saved {saved!r}, now {now!r}\n' in message
+    assert f'{key} (saved {saved!r}, now {now!r})' in message
   assert 'log_every_steps' not in message and 'unreadable' not in message
   assert _steps(workdir) == [4, 8, 12]
 
@@ -230,11 +253,20 @@ def test_harmless_config_changes_resume(reference, tmp_path, capsys):
 
 def test_nan_loss_stops_with_the_step_window_and_leaves_checkpoints_intact(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
-  # The update from step 9 to 10 gets a NaN loss; steps 9-10 are one logging window (every 2 steps).
-  monkeypatch.setenv('IMMISCIBLE_JAX_TEST_NAN_AT_STEP', '9')
+  # The batch of the update from step 9 to 10 is all NaN, so that step's loss and gradients are; steps 9-10 are
+  # one logging window (every 2 steps).
+  fed, shard_batch = [], replicas.shard_batch
+
+  def nan_batch_at_step_9(batch):
+    fed.append(batch)
+    batch = shard_batch(batch)
+    return {**batch, 'image': np.full_like(batch['image'], np.nan)} if len(fed) == 10 else batch
+
+  monkeypatch.setattr(replicas, 'shard_batch', nan_batch_at_step_9)
   with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradients between steps 9 and 10 '
                                                  r'.*the last checkpoint, step 8, is untouched'):
     train.train_and_evaluate(_config(), workdir)
+  assert len(fed) == 10  # It stopped at the first log after the NaN.
   assert _steps(workdir) == [4, 8]  # Nothing at or after the NaN.
   _assert_identical(workdir, reference, 8)
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]

@@ -5,7 +5,6 @@ noise and noise levels, and start from the same parameters. Checked here on the 
 the tiny config (a training step), so a change that lets the assignment settings leak into another random stream
 fails a test.
 """
-import functools
 import json
 
 import numpy as np
@@ -15,8 +14,10 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from immiscible_jax import config_checks
 from immiscible_jax import data
+from immiscible_jax import evaluators
 from immiscible_jax import models
 from immiscible_jax import train
+from immiscible_jax import train_state
 from launch import report_stats
 from launch import sweep
 
@@ -89,9 +90,8 @@ def test_paired_arms_share_initial_parameters_and_base_noise(tmp_path):
     config = tiny.get_config()
     config.update_from_flattened_dict({'assignment.method': method, 'seed': seed})
     model = models.create_model(config.model, config.data.channels)
-    init = functools.partial(train.create_train_state, model=model, image_shape=data.image_shape(config.data),
-                             optimizer=train.create_optimizer(config.optim), recipe=config.training.recipe)
-    inits.append(jax.tree_util.tree_leaves(jax.jit(init)(train.run_keys(config.seed)[0]).params))
+    init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
+    inits.append(jax.tree_util.tree_leaves(jax.jit(init)(train_state.run_keys(config.seed)[0]).params))
   for a, b in zip(inits[0], inits[1]):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, c) for a, c in zip(inits[0], inits[2]))
@@ -102,8 +102,8 @@ def test_one_study_arm_runs_two_steps_with_evaluation(arms, tmp_path):
   config.update_from_flattened_dict({
       'training.num_steps': 2, 'training.log_every_steps': 1, 'eval.every_steps': 2, 'eval.num_samples': 64,
       'eval.batch_size': 32, 'eval.reference_num_images': 64, 'checkpoint.every_steps': 2})
-  with tfds.testing.mock_data(num_examples=256):
-    train.train_and_evaluate(config, str(tmp_path / 'arm'))
+  with tfds.testing.mock_data(num_examples=256):  # the evaluator (built as main.py builds it) reads it too
+    train.train_and_evaluate(config, str(tmp_path / 'arm'), evaluator=evaluators.TrainingEvaluator(config))
   rows = [json.loads(line) for line in (tmp_path / 'arm' / 'metrics.jsonl').read_text().splitlines()]
   assert np.isfinite([r['eval/fd_pixels'] for r in rows if 'eval/fd_pixels' in r]).all()
   assert [r['step'] for r in rows if 'eval/fd_pixels' in r] == [2]

@@ -1,7 +1,9 @@
-"""End-to-end training on the tiny config: device-count invariance, exact resume, learning, sampling mode."""
-import functools
+"""End-to-end training on the tiny config: device-count invariance, the CT target update, exact resume, learning,
+sampling mode."""
 import json
+import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -12,8 +14,10 @@ from immiscible_jax import consistency
 from immiscible_jax import data
 from immiscible_jax import evaluators
 from immiscible_jax import models
+from immiscible_jax import replicas
 from immiscible_jax import sampling
 from immiscible_jax import train
+from immiscible_jax import train_state
 
 
 def _leaves(tree):
@@ -28,30 +32,68 @@ def _tiny(**overrides):
   return config
 
 
-def test_eight_devices_match_one_device_on_the_same_global_batch():
-  method = 'hungarian'
+# CT schedule of the module's CT steps: at step K_AT of NUM_STEPS, N(k) = 8 levels.
+K_AT, NUM_STEPS, S0, S1, MU0 = 10, 20, 2, 10, 0.9
+
+
+@pytest.fixture(scope='module')
+def ct_steps():
+  """A CT run's pieces, shared by the tests below (so the step compiles once per device layout): the config,
+  the state at step K_AT with a target and an EMA away from the online parameters (so that every update's
+  weights show), three batches, and the pmapped step on one device and on all eight."""
   # 'global' scope: the assignment is over the whole batch either way, so both layouts solve one problem.
-  config = _tiny(**{'assignment.method': method, 'assignment.scope': 'global', 'assignment.dtype': 'float32'})
+  config = _tiny(**{'training.recipe': 'ct', 'training.loss': 'l2', 'training.num_steps': NUM_STEPS,
+                    'training.s0': S0, 'training.s1': S1, 'training.mu0': MU0, 'assignment.method': 'hungarian',
+                    'assignment.scope': 'global', 'assignment.dtype': 'float32'})
   model = models.create_model(config.model, config.data.channels)
-  optimizer = train.create_optimizer(config.optim)
-  state = jax.jit(functools.partial(train.create_train_state, model=model, image_shape=(8, 8, 1),
-                                    optimizer=optimizer, recipe='ct'))(jax.random.key(0))
+  optimizer = train_state.create_optimizer(config.optim)
+  state = jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0))
+  state = jax.device_get(state.replace(
+      step=np.int32(K_AT), target_params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params),
+      ema_params=jax.tree_util.tree_map(lambda p: p - 1.0, state.params)))
   batches = [next(it) for it in [data.create_train_iterator(config.data, 16, 0)] for _ in range(3)]
+  steps = {n: train.make_p_train_step(model, optimizer, config, devices=jax.local_devices()[:n]) for n in (1, 8)}
+  return config, state, batches, steps
+
+
+def test_eight_devices_match_one_device_on_the_same_global_batch(ct_steps):
+  config, state, batches, steps = ct_steps
   results = []
-  for devices in (jax.local_devices()[:1], jax.local_devices()):
-    p_step = train.make_p_train_step(model, optimizer, config, devices=devices)
-    p_state = train.replicate(state, devices)
+  for n, p_step in steps.items():
+    p_state = replicas.replicate(state, jax.local_devices()[:n])
     for batch in batches:
-      p_state, metrics = p_step(p_state, train.shard_batch(batch, len(devices)))
-    results.append((jax.device_get(jax.tree_util.tree_map(lambda x: x[0], p_state)),
-                    jax.device_get(jax.tree_util.tree_map(lambda x: x[0], metrics))))
+      p_state, metrics = p_step(p_state, replicas.shard_batch(batch, n))
+    results.append((replicas.host_state(p_state), replicas.host_state(metrics)))
   (one, m_one), (eight, m_eight) = results
-  for a, b in zip(_leaves(one.params), _leaves(eight.params)):
+  for a, b in zip(_leaves((one.params, one.target_params)), _leaves((eight.params, eight.target_params))):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(m_one['train/loss'], m_eight['train/loss'], rtol=1e-4)
   np.testing.assert_allclose(m_one['assignment/distance_after'], m_eight['assignment/distance_after'],
                              rtol=1e-5)
   assert m_one['assignment/distance_after'] < m_one['assignment/distance_before']
+  assert config.assignment.scope == 'global'
+
+
+def test_one_ct_step_moves_the_target_by_mu_of_n_k(ct_steps):
+  """theta^- <- mu theta^- + (1 - mu) theta with mu = exp(s0 log mu0 / N(k)), N(k) from the CT schedule at the
+  state's step k; the EMA likewise with training.ema_rate. Computed here from the formulas, on one device."""
+  config, before, batches, steps = ct_steps
+  p_state, metrics = steps[1](replicas.replicate(before, jax.local_devices()[:1]),
+                              replicas.shard_batch(batches[0], 1))
+  after = replicas.host_state(p_state)
+  k, big_k = K_AT, NUM_STEPS
+  n_k = math.ceil(math.sqrt(k / big_k * ((S1 + 1) ** 2 - S0 ** 2) + S0 ** 2) - 1) + 1   # CT's N(k): 8 here
+  mu = math.exp(S0 * math.log(MU0) / n_k)
+  assert int(after.step) == k + 1 and float(replicas.host_state(metrics)['train/num_scales']) == n_k
+  online = _leaves(after.params)
+  assert any(not np.allclose(a, b) for a, b in zip(online, _leaves(before.params)))  # the step moved theta
+  mu_anchor = math.exp(S0 * math.log(MU0) / (n_k - 1))  # with the JAX anchor's N(k) - 1 in the exponent
+  for new, old, theta in zip(_leaves(after.target_params), _leaves(before.target_params), online):
+    np.testing.assert_allclose(new, mu * old + (1 - mu) * theta, rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(new - (mu_anchor * old + (1 - mu_anchor) * theta))) > 1e-3  # distinguishable
+  rate = config.training.ema_rate
+  for new, old, theta in zip(_leaves(after.ema_params), _leaves(before.ema_params), online):
+    np.testing.assert_allclose(new, rate * old + (1 - rate) * theta, rtol=1e-6, atol=1e-6)
 
 
 def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
@@ -71,14 +113,18 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
 
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
-  """A few hundred steps of the tiny config with the pixel metric evaluated along the way."""
+  """A few hundred steps of the tiny config with the pixel metric evaluated along the way, as main.py runs it
+  (the evaluator built first and handed to the trainer); also the trainer's wall time in seconds."""
   workdir = str(tmp_path_factory.mktemp('run'))
   config = _tiny(**{'training.num_steps': 300, 'training.log_every_steps': 50, 'optim.learning_rate': 2e-3,
                     'training.ema_rate': 0.99, 'eval.every_steps': 150, 'eval.num_samples': 256,
                     'checkpoint.every_steps': 150, 'assignment.method': 'hungarian'})
-  train.train_and_evaluate(config, workdir)
+  evaluator = evaluators.TrainingEvaluator(config)
+  start = time.time()
+  train.train_and_evaluate(config, workdir, evaluator=evaluator)
+  wall = time.time() - start
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return config, workdir, rows
+  return config, workdir, rows, wall
 
 
 def _denoising_error(config, params, images):
@@ -94,7 +140,7 @@ def _denoising_error(config, params, images):
 
 
 def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
-  config, workdir, rows = trained_run
+  config, workdir, rows, wall = trained_run
   images = data.load_images(config.data, 'train', 256).astype(np.float32) / 127.5 - 1.0
   _, trained, _ = evaluators.restore_ema_params(config, workdir)
   model = models.create_model(config.model, 1)
@@ -107,11 +153,14 @@ def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
   assert [r['step'] for r in train_rows] == [50, 100, 150, 200, 250, 300]
   assert all(np.isfinite(r['train/loss']) for r in train_rows)
   assert all(r['assignment/reduction_pct'] > 0 for r in train_rows)
-  assert all(r['perf/images_per_sec'] > 0 for r in train_rows)
+  # Throughput is images over the time of their own window: the windows' times, recovered from it, add up to
+  # the training part of the run's wall time (not the set-up before the loop nor the evaluations).
+  window_times = [50 * config.training.batch_size / r['perf/images_per_sec'] for r in train_rows]
+  assert 0.3 * wall < sum(window_times) < wall, (window_times, wall)
 
 
 def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys):
-  config, workdir, _ = trained_run
+  config, workdir, _, _ = trained_run
   config.sampling.num_samples = 20
   config.sampling.shard_size = 8
   paths, grid = evaluators.sample_from_checkpoint(config, workdir)
@@ -127,7 +176,7 @@ def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys
 
 
 def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_path):
-  config, workdir, _ = trained_run
+  config, workdir, _, _ = trained_run
   fresh = evaluators.evaluate(config, workdir)
   assert fresh['step'] == 300 and fresh['num_samples'] == config.eval.num_samples
   assert np.isfinite(fresh['eval/fd_pixels']) and fresh['eval/fd_pixels'] > 0

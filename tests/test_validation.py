@@ -1,13 +1,15 @@
 """Bad input fails fast: through the trainer and the command line, one error naming the key or file, and
 nothing compiled before it.
 
-tests/test_configs.py checks config_checks.validate on its own; these go through train_and_evaluate (and main's
-flag parsing) and watch JAX's compile events, so a check that ran only after the first compilation would fail.
+tests/test_configs.py checks config_checks.validate on its own; these go through train_and_evaluate and the
+command line (main's flag parsing and main, in this process and, twice, as a real subprocess) and watch JAX's
+compile events, so a check that ran only after the first compilation would fail.
 """
 import os
 import subprocess
 import sys
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -15,6 +17,8 @@ from PIL import Image
 import pytest
 
 from configs import tiny
+from immiscible_jax import errors
+from immiscible_jax import main as cli
 from immiscible_jax import train
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -75,24 +79,24 @@ def _unknown_key():
 
 
 @pytest.mark.parametrize('make,message', [
-    (_unknown_key, r"unknown config keys: \['training.num_stepz'\]"),
+    (_unknown_key, r'training.num_stepz: unknown config key'),
     (lambda: _with_type('training.num_steps', '12'),
-     r"training.num_steps must be of type int .*got '12' of type str"),
-    (lambda: _with_type('model.ch_mult', 2), r'model.ch_mult must be of type tuple'),
-    (lambda: _with_type('data.random_flip', 1), r'data.random_flip must be of type bool'),
+     r"training.num_steps: must be of type int .*got '12' of type str"),
+    (lambda: _with_type('model.ch_mult', 2), r'model.ch_mult: must be of type tuple'),
+    (lambda: _with_type('data.random_flip', 1), r'data.random_flip: must be of type bool'),
     (lambda: _config(**{'training.batch_size': 20}),
-     r'training.batch_size \(20\) must be divisible by the number of devices \(8\)'),
+     r'training.batch_size: 20 must be divisible by the number of devices \(8\)'),
     (lambda: _config(**{'training.sigma_min': 80.0}),
-     r'need 0 < training.sigma_min < training.sigma_max, got 80.0 and 80.0'),
+     r'training.sigma_min: must lie in \(0, training.sigma_max\), got 80.0 with training.sigma_max = 80.0'),
     (lambda: _config(**{'assignment.method': 'knn', 'assignment.knn_k': 0}), r'assignment.knn_k'),
-    (lambda: _config(**{'training.num_steps': -3}), r'training.num_steps must be positive, got -3'),
-    (lambda: _config(**{'training.log_every_steps': 0}), r'training.log_every_steps must be positive, got 0'),
-    (lambda: _config(**{'checkpoint.every_steps': -4}), r'checkpoint.every_steps must be positive, got -4'),
+    (lambda: _config(**{'training.num_steps': -3}), r'training.num_steps: must be positive, got -3'),
+    (lambda: _config(**{'training.log_every_steps': 0}), r'training.log_every_steps: must be positive, got 0'),
+    (lambda: _config(**{'checkpoint.every_steps': -4}), r'checkpoint.every_steps: must be positive, got -4'),
     (lambda: _config(**{'eval.every_steps': -1}), r'eval.every_steps must be an integer >= 0, got -1'),
 ], ids=['unknown_key', 'str_for_int', 'int_for_tuple', 'int_for_bool', 'batch_vs_devices', 'sigma_min_eq_max',
         'knn_k_0', 'num_steps_negative', 'log_every_0', 'checkpoint_every_negative', 'eval_every_negative'])
 def test_bad_config_fails_before_compiling(make, message, tmp_path, compilations):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train.train_and_evaluate(make(), str(tmp_path / 'run'))
   assert not compilations
   assert not os.path.exists(tmp_path / 'run')  # Nothing was started, not even the workdir.
@@ -142,33 +146,75 @@ def _text(path):
 def test_bad_image_folder_fails_before_compiling(layout, message, tmp_path, compilations):
   path = layout(str(tmp_path / 'data'))
   config = _config(**{'data.dataset': 'folder', 'data.path': path})
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not compilations
 
 
-def _main(*flags):
-  return subprocess.run([sys.executable, '-m', 'immiscible_jax.main', '--config=configs/tiny.py', *flags],
-                        cwd=_ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+# The bad command lines a new user tried (issue 12), with the key each error must name.
+_BAD_COMMAND_LINES = {
+    'misspelt_method': (['--config.assignment.method=hungarain'], 'assignment.method'),
+    'misspelt_cost': (['--config.assignment.cost=euclidean'], 'assignment.cost'),
+    'misspelt_scope': (['--config.assignment.scope=globl'], 'assignment.scope'),
+    'misspelt_recipe': (['--config.training.recipe=ctt'], 'training.recipe'),
+    'misspelt_loss': (['--config.training.loss=huber'], 'training.loss'),
+    'misspelt_dataset': (['--config.data.dataset=cifar'], 'data.dataset'),
+    'sigma_min_above_max': (['--config.training.sigma_min=90.0'], 'training.sigma_min'),
+    'negative_steps': (['--config.training.num_steps=-5'], 'training.num_steps'),
+    'batch_0': (['--config.training.batch_size=0'], 'training.batch_size'),
+    'missing_data_folder': (['--config.data.dataset=folder', '--config.data.path=/no/such/folder'], 'data.path'),
+    'knn_k_0': (['--config.assignment.method=knn', '--config.assignment.knn_k=0'], 'assignment.knn_k'),
+    'increasing_sampling_sigmas': (['--config.sampling.sigmas=(0.5,80.0)'], 'sampling.sigmas'),
+    'unknown_key': (['--config.training.num_stepz=5'], 'training.num_stepz'),
+    'non_integer': (['--config.training.num_steps=ten'], 'training.num_steps'),
+}
+_TINY = os.path.join(_ROOT, 'configs', 'tiny.py')
 
 
-@pytest.mark.parametrize('flag,message', [
-    ('--config.training.num_stepz=5',
-     'FATAL Flags parsing error: unknown config key in --config.training.num_stepz. '
-     'Did you mean "num_steps" instead of "num_stepz"?'),
-    ('--config.training.num_steps=ten', "FATAL Flags parsing error: flag --config.training.num_steps=ten: invalid "
-                                        "literal for int() with base 10: 'ten'"),
-])
-def test_bad_command_line_override_is_one_line(flag, message, tmp_path):
-  done = _main(f'--workdir={tmp_path / "run"}', flag)
-  assert done.returncode == 1
-  assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr
+def _run_cli(argv):
+  """The command line in this process: main's flag parser, then main; returns the exit status."""
+  argv = ['main', *argv]
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:  # a previous run's --config.KEY flags
+    delattr(flags.FLAGS, name)
+  saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the --config.KEY overrides from sys.argv
+  try:
+    cli.main(cli._parse_flags(argv))  # pylint: disable=protected-access
+  except SystemExit as e:
+    return e.code
+  finally:
+    sys.argv = saved_argv
+  return 0
+
+
+def _assert_one_line_error(code, output, key):
+  assert code == 2, output
+  assert output.startswith('error: ') and output.endswith('\n') and output.count('\n') == 1, output
+  assert key in output and len(output) < 400 and 'Traceback' not in output, output
+
+
+@pytest.mark.parametrize('name', list(_BAD_COMMAND_LINES))
+def test_bad_command_line_is_one_line_naming_the_key(name, tmp_path, capfd, compilations):
+  overrides, key = _BAD_COMMAND_LINES[name]
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / "run"}', *overrides])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, key)
+  assert not compilations
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_bad_value_from_the_command_line_names_its_key(tmp_path):
-  done = _main(f'--workdir={tmp_path / "run"}', '--config.training.sigma_min=90.0')
-  assert done.returncode == 1
-  assert 'need 0 < training.sigma_min < training.sigma_max, got 90.0 and 80.0' in done.stderr
+def test_traceback_flag_shows_the_error_itself(tmp_path):
+  with pytest.raises(errors.ConfigError, match='training.num_steps: must be positive, got -5'):
+    _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / "run"}', '--config.training.num_steps=-5',
+              '--traceback'])
+
+
+@pytest.mark.parametrize('name', ['misspelt_method', 'non_integer'])
+def test_bad_command_line_in_a_fresh_process_prints_only_that_line(name, tmp_path):
+  """The whole output of `python -m immiscible_jax.main` (imports, warnings and all) is the one error line."""
+  overrides, key = _BAD_COMMAND_LINES[name]
+  done = subprocess.run([sys.executable, '-m', 'immiscible_jax.main', '--config=configs/tiny.py',
+                         f'--workdir={tmp_path / "run"}', *overrides], cwd=_ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  _assert_one_line_error(done.returncode, done.stdout + done.stderr, key)
   assert not os.path.exists(tmp_path / 'run')
