@@ -70,8 +70,16 @@ def test_uint8_archive_and_grid_round_trip(tmp_path):
   np.testing.assert_array_equal(sampling.load_samples(str(tmp_path / 's')), as_uint8)
   np.testing.assert_array_equal(sampling.load_samples(paths[1]), as_uint8[4:])
   grid = np.asarray(sampling.image_grid(as_uint8, columns=3))
-  # 2 rows x 3 columns of 3x5 tiles with 1-pixel gaps, scaled up by an integer factor for visibility.
+  # 2 rows x 3 columns of 3x5 tiles with 1-pixel gaps (9 x 19 pixels), scaled up by the smallest whole factor
+  # that makes the longer side at least GRID_MIN_SIDE pixels, each pixel a constant scale x scale block.
   scale = grid.shape[0] // (2 * 4 + 1)
   assert grid.shape == ((2 * 4 + 1) * scale, (3 * 6 + 1) * scale)
-  assert grid[1 * scale, 1 * scale] == 0 and grid[1 * scale, (6 + 1) * scale] == 0   # tiles 0 and 1: black
-  assert grid[(4 + 1) * scale, (2 * 6 + 1) * scale] == 255                          # tile 5: white
+  assert (scale - 1) * 19 < sampling.GRID_MIN_SIDE <= scale * 19
+  blocks = grid.reshape(9, scale, 19, scale)
+  assert np.all(blocks == blocks[:, :1, :, :1])
+  small = blocks[:, 0, :, 0]
+  assert small[1, 1] == 0 and small[1, 6 + 1] == 0      # tiles 0 and 1: black
+  assert small[4 + 1, 2 * 6 + 1] == 255                 # tile 5: white
+  assert small[0, 0] == 255                             # the gap
+  # 100 digits (8x8): 91 pixels at 1:1, 546 here (each digit 48 pixels wide).
+  assert sampling.image_grid(np.zeros((100, 8, 8, 1), np.uint8)).size == (546, 546)
