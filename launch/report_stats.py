@@ -99,11 +99,12 @@ def threshold_row(arm_runs, base_runs, label, value):
 
 
 def compare(runs, baseline, multipliers=DEFAULT_MULTIPLIERS, thresholds=()):
-  """Every non-baseline group against its baseline group, paired by seed.
+  """Every non-baseline group against its baseline group, on the seeds both have.
 
   runs: {arm name: [(step, value), ...]}. Returns one dict per group that has a baseline group, in first-seen
   order: finals and bests (mean, ci95) of both, their paired differences, the per-step paired differences, and
-  steps to each threshold (multiples of the baseline's mean final value, then the absolute `thresholds`).
+  steps to each threshold (multiples of the baseline's mean final value over those seeds, then the absolute
+  `thresholds`).
   """
   groups = {}
   for name, series in runs.items():
@@ -114,11 +115,15 @@ def compare(runs, baseline, multipliers=DEFAULT_MULTIPLIERS, thresholds=()):
     base_group = baseline_of(group, baseline)
     if base_group is None or base_group == group or base_group not in groups:
       continue
-    base_runs = groups[base_group]
-    seeds = sorted(set(arm_runs) & set(base_runs))
+    seeds = sorted(set(arm_runs) & set(groups[base_group]))
+    if not seeds:
+      continue
+    # Only the paired seeds, on both sides: a baseline seed without its partner would bias the comparison.
+    arm_runs = {s: arm_runs[s] for s in seeds}
+    base_runs = {s: groups[base_group][s] for s in seeds}
     final = lambda rs: [rs[s][-1][1] for s in seeds]
     best = lambda rs: [min(v for _, v in rs[s]) for s in seeds]
-    base_final_mean = t_interval([s[-1][1] for s in base_runs.values()])[0]
+    base_final_mean = t_interval(final(base_runs))[0]
     levels = [(f'{m:g} x {base_group} final', m * base_final_mean) for m in multipliers]
     levels += [(f'{t:g}', float(t)) for t in thresholds]
     out.append(dict(

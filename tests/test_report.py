@@ -183,3 +183,13 @@ def test_paired_interval_uses_the_seed_differences():
   ((step, mean, half, n, diffs),) = report.report_stats.paired_differences(arm, base)
   assert (step, n, diffs) == (1, 3, [-1.0, 1.0, -3.0])  # seed=9 has no partner and is left out
   assert mean == pytest.approx(-1.0) and half == pytest.approx(_t_half([-1.0, 1.0, -3.0]))
+
+
+def test_comparisons_use_only_the_paired_seeds():
+  runs = {'a=none,seed=0': [(1, 10.0), (2, 4.0)], 'a=none,seed=1': [(1, 10.0), (2, 1.0)],
+          'a=x,seed=0': [(1, 9.0), (2, 5.0)]}
+  (c,) = report.report_stats.compare(runs, 'a=none', multipliers=(1.0,))
+  # Seed 1 has no partner: the baseline's final is 4 (seed 0 alone), not (4 + 1) / 2.
+  assert c['paired_seeds'] == 1 and c['baseline_final'][0] == 4.0
+  (t,) = c['thresholds']
+  assert t['value'] == 4.0 and (t['reached'], t['baseline_reached'], t['baseline_seeds']) == (0, 1, 1)
