@@ -182,7 +182,7 @@ def plot(runs, rows, metric, threshold, path, baseline='method=none'):
   for context, ax in axes.items():
     if len(axes) == 1:
       ax.axhline(threshold, color='grey', linestyle='--', linewidth=1, label=f'threshold {_fmt(threshold)}')
-    ax.set(xlabel='step', ylabel=metric, title=f'{context or metric}: mean over seeds, band = 95% interval')
+    ax.set(xlabel='step', ylabel=metric, title=f'{context or metric}: mean over seeds, 95% band')
     ax.legend(fontsize=8)
   _save(fig, path)
 
@@ -197,8 +197,8 @@ def plot_paired(comparisons, metric, path):
     _draw_band(axes[c['context']], c['per_step'], f'{c["group"]} (n={c["paired_seeds"]})')
   for context, ax in axes.items():
     ax.axhline(0.0, color='grey', linewidth=1)
-    ax.set(xlabel='step', ylabel=f'{metric}: arm - baseline', title=f'{context or metric}: paired difference, '
-           'band = 95% interval (below 0: assignment better)')
+    ax.set(xlabel='step', ylabel=f'{metric}: arm - baseline (< 0: arm better)',
+           title=f'{context or metric}: paired difference, 95% band')
     ax.legend(fontsize=8)
   _save(fig, path)
 

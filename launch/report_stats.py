@@ -149,7 +149,7 @@ def _side(mean, half):
 
 
 def _steps_text(steps):
-  return ', '.join(str(s) for s in steps) if steps else 'none'
+  return 'steps ' + ', '.join(str(s) for s in steps) if steps else 'no step'
 
 
 def conclusion(comparisons, metric):
@@ -169,8 +169,8 @@ def conclusion(comparisons, metric):
     verdict = {'lower': 'lower (better) beyond its 95% interval', 'higher': 'higher (worse) beyond its 95% interval',
                None: 'not distinguishable from zero'}[final_side]
     sentences.append(
-        f'{name} ({c["paired_seeds"]} paired seeds): {metric} is lower beyond the 95% interval at steps '
-        f'{_steps_text(lower)}, higher at steps {_steps_text(higher)}, and within the interval at the other '
+        f'{name} ({c["paired_seeds"]} paired seeds): {metric} is lower beyond the 95% interval at '
+        f'{_steps_text(lower)}, higher at {_steps_text(higher)}, and within the interval at the other '
         f'{len(c["per_step"]) - len(lower) - len(higher)} of {len(c["per_step"])} evaluations; the final paired '
         f'difference {mean:+.4g} ± {half:.3g} is {verdict}.')
     if lower or higher:
