@@ -2,8 +2,6 @@
 float64), scopes under pmap over 8 CPU devices, bf16 vs f32, KNN, non-finite inputs, config validation,
 loop guards and loop-step counts."""
 import functools
-import importlib.util
-import os
 
 import jax
 from jax import lax
@@ -12,6 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.optimize
+
+from configs import default
 
 from immiscible_jax import assignment
 from immiscible_jax import assignment_solvers
@@ -23,11 +23,7 @@ COSTS = ('sqeuclidean', 'l2')
 
 
 def default_config():
-  path = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
-  spec = importlib.util.spec_from_file_location('default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return default.get_config()
 
 
 def make_config(**overrides):

@@ -1,5 +1,4 @@
 """Frechet distance against closed forms, statistics, the pixel extractor, batching and the reference cache."""
-import importlib.util
 import os
 
 import jax
@@ -7,6 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from configs import default
 
 from immiscible_jax import evaluation
 
@@ -123,11 +124,7 @@ def test_pixel_extractor_downsamples():
 
 
 def _load_default_config():
-  path = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
-  spec = importlib.util.spec_from_file_location('default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return default.get_config()
 
 
 def test_validate_config_names_the_key():
