@@ -1,19 +1,21 @@
-"""Orbax checkpoints of a run: train state, the grain iterator's position and the run's config.
+"""Orbax checkpoints of a run: train state and the run's config (the data position is the step itself).
 
-Layout: workdir/checkpoints/<step>/{state, data_iter, meta}. Orbax writes each step to
+Layout: workdir/checkpoints/<step>/{state, meta}. Orbax writes each step to
 `<step>.orbax-checkpoint-tmp` and renames it when every item is complete, so a run killed mid-write leaves no
 step that `all_steps()` would list; the leftover temporary directory is removed when the next run opens the
 manager. Restore walks the steps newest-first, checks the saved config before reading any array (a changed
 experiment is refused, not mistaken for a corrupt checkpoint) and falls back past unreadable steps, saying so.
+With several processes every candidate step is agreed on: all processes try the same step and keep it only if
+every one of them read it, so they never train on from different states.
 Orbax does not notice flipped bytes inside an array file, so meta also holds a CRC-32 of every state leaf
 (about 4 GB/s here), checked after each restore.
 """
 import logging
 import zlib
 
-import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from immiscible_jax import errors
@@ -26,8 +28,7 @@ def create_manager(workdir, ckpt_config, read_only=False):
       save_interval_steps=1,
       # Partial steps of a killed run: remove them (they are never restored either way).
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(f'{workdir}/checkpoints', options=options,
-                               item_names=('state', 'data_iter', 'meta'))
+  return ocp.CheckpointManager(f'{workdir}/checkpoints', options=options, item_names=('state', 'meta'))
 
 
 def checksums(state):
@@ -36,61 +37,99 @@ def checksums(state):
   return [zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)) for x in leaves]
 
 
-def save(manager, step, state, data_iter, meta):
-  """Starts an asynchronous save of `state` (host pytree), the iterator position and `meta` (JSON), to which
-  the state's checksums are added."""
+def save(manager, step, state, meta):
+  """Starts an asynchronous save of `state` (host pytree) and `meta` (JSON), to which the state's checksums are
+  added."""
   meta = {**meta, 'state_crc32': checksums(state)}
-  args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-  if data_iter is not None:
-    args['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
-  manager.save(step, args=ocp.args.Composite(**args), force=True)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+               force=True)
 
 
 def read_meta(manager, step):
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
-def restore(manager, abstract_state, data_iter=None, step=None, log=logging.warning, check_meta=None):
-  """Restores (step, state, meta) from `step`, or from the newest readable step when step is None.
+# What one process found at a candidate step.
+_READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
 
-  check_meta(meta) runs on each candidate's meta before its arrays are read; what it raises propagates (a
-  config that changed the experiment must be refused, not skipped over as if the checkpoint were corrupt).
-  Returns None when the manager holds no step. Raises RuntimeError when steps exist but none is readable:
-  starting over must be an explicit decision (a fresh workdir), never a silent fallback.
+
+def _gather(value):
+  """[process_count] int32: `value` from every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return np.array([value], np.int32)
+  return np.asarray(multihost_utils.process_allgather(np.array([value], np.int32))).reshape(-1)
+
+
+def _is_incompatible(error):
+  """A state that Orbax read but that does not fit this config's tree or shapes: a config error, not I/O."""
+  text = str(error).lower()
+  return isinstance(error, ValueError) and ('shape' in text or 'tree structure' in text or 'mismatch' in text)
+
+
+def _try_step(manager, candidate, abstract_state, check_meta):
+  """(outcome, restored or None, why) for one step, on this process."""
+  try:
+    meta = read_meta(manager, candidate)
+  except Exception as e:  # pylint: disable=broad-except  # unreadable: the caller tries an earlier step
+    return _UNREADABLE, None, f'{type(e).__name__}: {str(e)[:300]}'
+  if check_meta is not None:
+    try:
+      check_meta(meta)
+    except errors.ConfigError as e:
+      return _INCOMPATIBLE, e, str(e)
+  try:
+    state = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_incompatible(e):
+      return _INCOMPATIBLE, errors.ConfigError(
+          f'cannot restore step {candidate}: its arrays do not fit this config ({type(e).__name__}: '
+          f'{" ".join(str(e).split())[:300]}); check the model and optimizer keys against the saved config'), ''
+    return _UNREADABLE, None, f'{type(e).__name__}: {str(e)[:300]}'
+  state = state['state']
+  if 'state_crc32' in meta and checksums(state) != meta['state_crc32']:  # older checkpoints: no checksums
+    return _UNREADABLE, None, 'the arrays read back differ from their saved CRC-32 checksums (corrupt data)'
+  return _READ, (candidate, state, meta), ''
+
+
+def restore(manager, abstract_state, step=None, log=logging.warning, check_meta=None):
+  """Restores (step, state, meta) from `step`, or from the newest step that every process can read.
+
+  check_meta(meta) runs on each candidate's meta before its arrays are read and raises errors.ConfigError for
+  a config that changed the experiment: that is raised in every process, never skipped over as if the
+  checkpoint were corrupt; so is a state whose arrays do not fit `abstract_state`. Only I/O errors and checksum
+  mismatches make a step unreadable. Returns None when the manager holds no step. Raises RuntimeError when
+  steps exist but none is readable by all processes: starting over must be an explicit decision (a fresh
+  workdir), never a silent fallback. Every process must call this (it agrees on the step with collectives).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
-    if step not in steps:
+    if not _gather(int(step in steps)).all():  # raised by every process, or the others would wait for it
       raise errors.ConfigError(f'--step={step}: no checkpoint at that step in {manager.directory}; '
                                f'allowed: {errors.allowed_values(sorted(steps))}')
     steps = [step]
-  if not steps:
+  reasons, below = [], None
+  while True:
+    # The candidate: the newest step that every process lists (listings can differ on a flaky filesystem).
+    mine = next((s for s in steps if below is None or s < below), -1)
+    candidate = int(_gather(mine).min())
+    if candidate < 0:
+      break
+    below = candidate
+    outcome, result, why = _try_step(manager, candidate, abstract_state, check_meta) if candidate in steps else (
+        _UNREADABLE, None, 'not listed by this process')
+    outcomes = _gather(outcome)
+    if (outcomes == _READ).all():
+      return result
+    if (outcomes == _INCOMPATIBLE).any():
+      if outcome == _INCOMPATIBLE:
+        raise result
+      raise errors.ConfigError(f'cannot restore step {candidate}: process(es) '
+                               f'{np.flatnonzero(outcomes == _INCOMPATIBLE).tolist()} found it incompatible with '
+                               'this config (their message says how)')
+    failed = np.flatnonzero(outcomes != _READ).tolist()
+    reasons.append(f'step {candidate}: ' + (why if why else f'unreadable on process(es) {failed}'))
+    log(f'checkpoint at step {candidate} is unreadable, trying an earlier one ({reasons[-1]})')
+  if not reasons:
     return None
-  errors = []
-
-  def skip(candidate, why):
-    errors.append(f'step {candidate}: {why}')
-    log(f'checkpoint at step {candidate} is unreadable, trying an earlier one ({errors[-1]})')
-
-  for candidate in steps:
-    try:
-      meta = read_meta(manager, candidate)
-    except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous step
-      skip(candidate, f'{type(e).__name__}: {str(e)[:300]}')
-      continue
-    if check_meta is not None:
-      check_meta(meta)
-    args = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      restored = manager.restore(candidate, args=ocp.args.Composite(**args))
-    except Exception as e:  # pylint: disable=broad-except  # any unreadable checkpoint: try the previous one
-      skip(candidate, f'{type(e).__name__}: {str(e)[:300]}')
-      continue
-    if 'state_crc32' in meta and checksums(restored['state']) != meta['state_crc32']:  # older: no checksums
-      skip(candidate, 'the arrays read back differ from their saved CRC-32 checksums (corrupt data)')
-      continue
-    return candidate, restored['state'], meta
-  raise RuntimeError(f'no readable checkpoint in {manager.directory}:\n  ' + '\n  '.join(errors) +
+  raise RuntimeError(f'no readable checkpoint in {manager.directory}:\n  ' + '\n  '.join(reasons) +
                      '\nMove the directory away to start from scratch.')

@@ -26,6 +26,9 @@ OPTIMIZERS = ('adam', 'radam')
 _RESUME_FIXED = ('seed', 'data.dataset', 'data.path', 'data.image_size', 'data.channels', 'data.split',
                  'model.', 'training.recipe', 'training.batch_size', 'training.loss', 'training.sigma_',
                  'training.rho', 'optim.optimizer', 'assignment.method', 'assignment.cost', 'assignment.scope')
+# Keys of the training schedule: resuming with other values needs --allow_schedule_change.
+RESUME_SCHEDULE = ('training.num_steps', 'training.s0', 'training.s1', 'training.mu0', 'training.p_mean',
+                   'training.p_std', 'training.huber_c')
 
 
 def default_config():
@@ -127,16 +130,25 @@ def validate(config):
   evaluation.validate_config(config.eval)
 
 
-def check_resume_compatible(saved, config):
-  """Refuses to resume when a shape- or semantics-changing key differs from the saved run's config."""
+def check_resume_compatible(saved, config, allow_schedule_change=False):
+  """Refuses to resume when a shape- or semantics-changing key differs from the saved run's config, or (unless
+  allow_schedule_change) a key of the training schedule: those move N(k), mu(k) or the loss under the run."""
   old, new = flatten(saved), flatten(config.to_dict())
   norm = lambda v: list(v) if isinstance(v, tuple) else v
-  differing = sorted(k for k in set(old) | set(new)
-                     if k.startswith(_RESUME_FIXED) and norm(old.get(k)) != norm(new.get(k)))
+  changed = lambda prefixes: sorted(k for k in set(old) | set(new)
+                                    if k.startswith(prefixes) and norm(old.get(k)) != norm(new.get(k)))
+  describe = lambda keys: ', '.join(f'{k} (saved {old.get(k)!r}, now {new.get(k)!r})' for k in keys)
+  differing = changed(_RESUME_FIXED)
   # Switching clipping on or off adds or removes a stage of the optimizer state (its value alone is harmless).
   if (old.get('optim.grad_clip', 0) > 0) != (new.get('optim.grad_clip', 0) > 0):
     differing = sorted(differing + ['optim.grad_clip'])
   if differing:
-    changes = ', '.join(f'{k} (saved {old.get(k)!r}, now {new.get(k)!r})' for k in differing)
     raise errors.ConfigError(f'cannot resume: the workdir holds a run whose config differs in keys that change '
-                             f'the experiment: {changes}; use a new --workdir, or restore these values')
+                             f'the experiment: {describe(differing)}; use a new --workdir, or restore these values')
+  schedule = changed(RESUME_SCHEDULE)
+  if schedule and not allow_schedule_change:
+    raise errors.ConfigError(
+        f'cannot resume: {describe(schedule)}: the noise-level curriculum N(k), the target EMA mu(k) and the '
+        'loss follow these keys, so changing them mid-run changes the experiment from this step on; restore the '
+        'saved values, or pass --allow_schedule_change to continue with the new ones deliberately (the way to '
+        'extend a finished run: raise training.num_steps and pass it)')

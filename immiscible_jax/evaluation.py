@@ -11,6 +11,7 @@ from typing import Protocol
 
 import flax.jax_utils
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from immiscible_jax import errors
@@ -52,6 +53,38 @@ def compute_statistics(features):
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f'Need features [N >= 2, D], got shape {features.shape}.')
   return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
+
+
+def _gather_float64(x):
+  """[process_count, *x.shape]: float64 `x` from every process, bit for bit (sent as uint32 words: device
+  collectives carry no float64 without jax_enable_x64)."""
+  x = np.ascontiguousarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x[None]
+  words = multihost_utils.process_allgather(x.view(np.uint32))
+  return np.asarray(words).view(np.float64).reshape(jax.process_count(), *x.shape)
+
+
+def statistics_across_processes(features):
+  """(mean, covariance) of the union of every process's features [N_p, D], as compute_statistics gives for
+  their concatenation (up to float64 round-off): each process sends only its count and moment sums, in float64.
+  Every process must call it; all get the same result."""
+  features = np.asarray(features, np.float64)
+  d = features.shape[1]
+  sums = np.concatenate([[len(features)], features.sum(0), (features.T @ features).reshape(-1)])
+  total = _gather_float64(sums).sum(0)
+  n, mean = total[0], total[1:1 + d] / total[0]
+  if n < 2:
+    raise ValueError(f'Need >= 2 features over all processes, got {int(n)}.')
+  scatter = total[1 + d:].reshape(d, d) - n * np.outer(mean, mean)
+  return mean, (scatter + scatter.T) / (2 * (n - 1))
+
+
+def process_share(num_items):
+  """(start, count) of this process's contiguous share of num_items (earlier processes take the remainder)."""
+  base, extra = divmod(num_items, jax.process_count())
+  p = jax.process_index()
+  return p * base + min(p, extra), base + (p < extra)
 
 
 def _clip_round_off(eigenvalues):

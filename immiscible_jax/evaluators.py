@@ -2,7 +2,10 @@
 
 The metric is the Frechet distance between features of generated and real images: 'pixels' (weight-free, for
 digits and quick CPU runs) or 'inception' (FID with the standard TF Inception weights converted to Flax).
-Every process computes the same samples and metric (no collectives); only process 0 writes files.
+Evaluation is split over processes: each draws and extracts its own contiguous share of the samples (sample j
+always comes from fold_in(key, j)), and the feature statistics are combined across processes, so every process
+gets the metric a single process would. Reference statistics are computed and cached by process 0 alone (the
+others read its file, or compute their own where the cache is not shared). Only process 0 writes files.
 """
 import functools
 import json
@@ -10,6 +13,7 @@ import os
 
 import flax.jax_utils
 import jax
+from jax.experimental import multihost_utils
 
 from immiscible_jax import checkpointing
 from immiscible_jax import data
@@ -34,11 +38,18 @@ def _reference_stats(config, extractor):
   source = d.dataset if d.dataset != 'folder' else 'folder-' + os.path.basename(os.path.normpath(d.path))
   key = f'{source}_{e.reference_split}_{d.image_size}px_n{e.reference_num_images}'
   images_fn = functools.partial(data.load_images, d, e.reference_split, e.reference_num_images)
-  return evaluation.reference_statistics(extractor, images_fn, key, evaluation.default_cache_dir())
+  compute = lambda: evaluation.reference_statistics(extractor, images_fn, key, evaluation.default_cache_dir())
+  if jax.process_count() == 1:
+    return compute()
+  if jax.process_index() == 0:  # one writer of the cache file; the others read it after the barrier
+    stats = compute()
+  multihost_utils.sync_global_devices('immiscible_jax reference statistics')
+  return stats if jax.process_index() == 0 else compute()
 
 
 def frechet_to_reference(config, extractor, reference, images_uint8):
-  mu, sigma = evaluation.compute_statistics(extractor(images_uint8))
+  """The metric of this process's share of the samples together with every other process's share."""
+  mu, sigma = evaluation.statistics_across_processes(extractor(images_uint8))
   return float(evaluation.frechet_distance(mu, sigma, *reference))
 
 
@@ -59,8 +70,9 @@ class TrainingEvaluator:
   def __call__(self, p_state, step):
     cfg = self._config
     key = jax.random.fold_in(jax.random.key(cfg.sampling.seed), 10_000_019)  # same noise at every eval
-    images = sampling.generate(self._sampler, p_state.ema_params, key, cfg.eval.num_samples,
-                               data.image_shape(cfg.data), cfg.eval.batch_size)
+    start, count = evaluation.process_share(cfg.eval.num_samples)
+    images = sampling.generate(self._sampler, p_state.ema_params, key, count, data.image_shape(cfg.data),
+                               cfg.eval.batch_size, start_index=start)
     value = frechet_to_reference(cfg, self._extractor, self._reference, sampling.to_uint8(images))
     return {metric_name(cfg.eval): value}
 
@@ -79,12 +91,13 @@ def restore_ema_params(config, workdir, step=None):
   return found_step, state.ema_params, model
 
 
-def _generate_from_checkpoint(config, workdir, step, num_samples):
+def _generate_from_checkpoint(config, workdir, step, num_samples, start_index=0):
+  """(step, uint8 samples start_index .. start_index + num_samples - 1) of the checkpoint's EMA model."""
   step, ema_params, model = restore_ema_params(config, workdir, step)
   sampler = _sampler(config, model, tuple(config.sampling.sigmas))
   key = jax.random.key(config.sampling.seed)
   images = sampling.generate(sampler, flax.jax_utils.replicate(ema_params), key, num_samples,
-                             data.image_shape(config.data), config.eval.batch_size)
+                             data.image_shape(config.data), config.eval.batch_size, start_index=start_index)
   return step, sampling.to_uint8(images)
 
 
@@ -102,14 +115,20 @@ def sample_from_checkpoint(config, workdir, step=None):
 
 
 def evaluate(config, workdir, step=None, samples_path=None):
-  """Frechet distance of a sample set (or eval.num_samples fresh samples) to the reference statistics."""
+  """Frechet distance of a sample set (or eval.num_samples fresh samples) to the reference statistics; each
+  process draws or extracts its own share."""
   if samples_path:
     images = sampling.load_samples(samples_path)
+    num_samples = len(images)
+    start, count = evaluation.process_share(num_samples)
+    images = images[start:start + count]
   else:
-    step, images = _generate_from_checkpoint(config, workdir, step, config.eval.num_samples)
+    num_samples = config.eval.num_samples
+    start, count = evaluation.process_share(num_samples)
+    step, images = _generate_from_checkpoint(config, workdir, step, count, start_index=start)
   extractor = evaluation.create_extractor(config.eval)
   value = frechet_to_reference(config, extractor, _reference_stats(config, extractor), images)
-  result = {'step': step, metric_name(config.eval): value, 'num_samples': int(len(images)),
+  result = {'step': step, metric_name(config.eval): value, 'num_samples': int(num_samples),
             'extractor': extractor.name, 'samples': samples_path or 'fresh'}
   if jax.process_index() == 0:
     path = os.path.join(workdir, f'eval_{step if step is not None else "samples"}.json')

@@ -2,8 +2,12 @@ r"""Entry point: train, sample or evaluate a consistency model from a config fil
 
   python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=train \
       [--config.assignment.method=hungarian ...]
-  python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=sample [--step=N]
-  python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=eval [--samples=PATH]
+  python -m immiscible_jax.main --workdir=/tmp/run --mode=sample [--step=N]
+  python -m immiscible_jax.main --workdir=/tmp/run --mode=eval [--samples=PATH]
+
+sample and eval rebuild the run from the config saved with its checkpoint (saved_config.py); a --config given
+there may change sampling.*, eval.* and moved data paths only. Resuming with changed schedule keys
+(training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c) is refused unless --allow_schedule_change.
 
 Bad input (a config value, a data folder, a flag) ends in one line on stderr, `error: <key>: <what is wrong>`,
 and exit status 2; with --traceback the error is raised instead, with its Python traceback.
@@ -25,13 +29,16 @@ from ml_collections import config_flags
 warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py); sample/eval: optional, the run\'s '
+                                'saved config is used.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
 flags.DEFINE_integer('step', None, 'sample / eval: checkpoint step (default: the latest).')
 flags.DEFINE_string('samples', None, 'eval: a .npz or a directory of shards (default: fresh samples).')
 flags.DEFINE_bool('traceback', False, 'On a config or input error, show the Python traceback, not one line.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('allow_schedule_change', False, 'train: resume although a schedule key (training.num_steps, '
+                  's0, s1, mu0, p_mean, p_std, huber_c) differs from the saved run, e.g. to extend it.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def _maybe_initialize_distributed():
@@ -71,16 +78,23 @@ def main(argv):
 
 def _run(config):
   """Validates, then runs one mode. The evaluator is built here and handed to the trainer."""
-  from immiscible_jax import config_checks  # pylint: disable=g-import-not-at-top
-  config_checks.validate(config)  # before the heavier imports below, and before anything compiles
-  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
   # Orbax wants absolute paths; leave URLs such as gs://bucket/run alone.
   workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+  if FLAGS.mode == 'train':
+    if config is None:
+      raise errors.ConfigError('--config: required for --mode=train (e.g. --config=configs/digits.py)')
+  else:
+    from immiscible_jax import saved_config  # pylint: disable=g-import-not-at-top
+    ckpt_config = (config or config_checks.default_config()).checkpoint
+    config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config)
+  config_checks.validate(config)  # before the heavier imports below, and before anything compiles
+  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
   if '://' not in workdir:
     os.makedirs(workdir, exist_ok=True)
   if FLAGS.mode == 'train':
     evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
-    train.train_and_evaluate(config, workdir, evaluator=evaluator)
+    train.train_and_evaluate(config, workdir, evaluator=evaluator, allow_schedule_change=FLAGS.allow_schedule_change)
   elif FLAGS.mode == 'sample':
     evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:

@@ -5,9 +5,9 @@ The batch's path through `train_step`, top to bottom, one call site per idea:
   image with KNN) -> noise-level pair (sigma_i, sigma_{i+1}) per example -> online and target consistency
   functions (same noise, same dropout mask) -> loss -> gradients pmean'd over the device axis -> optax update
   -> EMA and (CT) target update -> metrics, pmean'd.
-Randomness: step key = fold_in(key(seed), step); noise and noise levels are drawn per *global example index*, so
-a run does not depend on how the global batch is split over a host's devices (only dropout and KNN's extra
-candidates are drawn per device).
+Randomness: step key = fold_in(key(seed), step); noise and noise levels are drawn per *global example index*
+(batch['example_id'], from the input pipeline), so a run does not depend on how the global batch is split over
+processes and devices (only dropout and KNN's extra candidates are drawn per device).
 The state and its factories are in train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
 import functools
@@ -44,9 +44,8 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   """One consistency-training step on this device's shard; runs under jax.pmap(axis_name='batch')."""
   tcfg = config.training
   images = batch['image']                                             # [B_dev, H, W, C] in [-1, 1]
-  b_dev = images.shape[0]
+  example_ids = batch['example_id']                                   # [B_dev] index in the global batch
   device = jax.lax.axis_index(AXIS)
-  example_ids = device * b_dev + jnp.arange(b_dev)                    # [B_dev] global example index
   step_key = jax.random.fold_in(train_state.run_keys(config.seed)[1], state.step)
   noise_key, pair_key, dropout_key, assign_key = jax.random.split(step_key, 4)
 
@@ -112,15 +111,14 @@ class NonFiniteError(RuntimeError):
   pass
 
 
-def _restore_or_init(config, workdir, model, optimizer, data_iter, manager, writer):
-  """The run's state: 1. the newest readable checkpoint in workdir/checkpoints (it also restores the data
-  position), 2. a fresh one from the seed. The saved config is checked before any array is read: a changed
-  experiment is refused, not skipped."""
+def _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change):
+  """The run's state: 1. the newest checkpoint in workdir/checkpoints that every process can read, 2. a fresh
+  one from the seed. The saved config is checked before any array is read: a changed experiment is refused, not
+  skipped. The data position is the step itself (data.create_train_iterator)."""
   init = train_state.initializer(config, model, optimizer)
   init_key = train_state.run_keys(config.seed)[0]
-  check = lambda meta: config_checks.check_resume_compatible(meta['config'], config)
-  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), data_iter, log=writer.log,
-                                   check_meta=check)
+  check = lambda meta: config_checks.check_resume_compatible(meta['config'], config, allow_schedule_change)
+  restored = checkpointing.restore(manager, jax.eval_shape(init, init_key), log=writer.log, check_meta=check)
   if restored is None:
     writer.log(f'training from scratch in {workdir}')
     return jax.jit(init)(init_key)
@@ -135,23 +133,25 @@ def _write_json(workdir, name, text):
       f.write(text)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluator=None, stop_at_step=None):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluator=None, stop_at_step=None,
+                       allow_schedule_change=False):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
   evaluator: (replicated state, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
   and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after this step, as if preempted there; the schedules still
-  follow training.num_steps. Returns the final host TrainState.
+  follow training.num_steps. allow_schedule_change: resume even if a key of
+  config_checks.RESUME_SCHEDULE changed (e.g. a raised training.num_steps). Returns the final host TrainState.
   """
   config_checks.validate(config)
   tcfg = config.training
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
   lr_fn = train_state.learning_rate_schedule(config.optim)
-  data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed)
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
-  state = _restore_or_init(config, workdir, model, optimizer, data_iter, manager, writer)
+  state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
+  data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed, start_step=int(state.step))
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
   p_state = replicas.replicate(state)
@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         t0 = time.time()
       if save_now:
         manager.check_for_errors()  # a failed background save must stop the run, not pass unnoticed
-        checkpointing.save(manager, step, replicas.host_state(p_state), data_iter, meta)
+        checkpointing.save(manager, step, replicas.host_state(p_state), meta)
       if preempted:
         manager.wait_until_finished()
         writer.log(f'preempted: saved step {step} to {manager.directory}; exiting')

@@ -1,4 +1,4 @@
-"""Tests for immiscible_jax.data and image_folder: batches, sharding, iterator state, sources, errors.
+"""Tests for immiscible_jax.data and image_folder: batches, process shards, the stream by step, sources, errors.
 
 Expected values come from the raw sources (scikit-learn's digits, tfds' mock, PNGs written here), never from the
 code under test.
@@ -6,7 +6,6 @@ code under test.
 import os
 import tarfile
 
-import grain
 import numpy as np
 from PIL import Image
 import pytest
@@ -68,14 +67,6 @@ def test_digits_batches_shape_range_and_determinism():
   assert not np.array_equal(np.stack(batches), np.stack(other))
 
 
-def test_digits_epochs_are_permutations_reshuffled():
-  # 1797 = 3 * 599: three batches are exactly one epoch.
-  iterator = data.create_train_iterator(_config(), 599, seed=0, process_index=0, process_count=1)
-  epoch1, epoch2 = np.concatenate(_take(iterator, 3)), np.concatenate(_take(iterator, 3))
-  assert _rows(epoch1) == _rows(_digits_in_range()) == _rows(epoch2)
-  assert not np.array_equal(epoch1, epoch2)
-
-
 def test_load_images_digits_fixed_order():
   from sklearn.datasets import load_digits
   images = data.load_images(_config(), max_images=10)
@@ -87,49 +78,44 @@ def test_load_images_digits_fixed_order():
 # ------------------------------------------------------------------------------------- sharding and state
 
 
-def test_process_shards_are_disjoint_parts_of_the_global_batch(image_dir):
+def test_process_shards_are_contiguous_blocks_of_the_global_batch(image_dir):
   # Unique, asymmetric images (see image_dir), flips on: flips must also agree with the unsharded stream.
   config = _config(dataset='folder', path=str(image_dir), image_size=4, channels=3, random_flip=True)
-  whole = _take(data.create_train_iterator(config, 6, seed=3, process_index=0, process_count=1), 5)
-  parts = [_take(data.create_train_iterator(config, 6, seed=3, process_index=k, process_count=2), 5)
-           for k in range(2)]
+  whole = list(_batches(config, 6, seed=3, count=5))
+  parts = [list(_batches(config, 6, seed=3, count=5, process_index=k, process_count=2)) for k in range(2)]
   flipped = 0
   for step in range(5):
     a, b = parts[0][step], parts[1][step]
-    assert a.shape == b.shape == (3, 4, 4, 3)
-    assert not set(_rows(a)) & set(_rows(b))
-    assert _rows(np.concatenate([a, b])) == _rows(whole[step])
-    flipped += len(set(_rows(whole[step])) - set(_rows(_unit(_expected_train()))))
+    assert a['image'].shape == b['image'].shape == (3, 4, 4, 3)
+    # Process k holds rows 3k..3k+2 of the global batch, in order, tagged with their global index.
+    np.testing.assert_array_equal(np.concatenate([a['image'], b['image']]), whole[step]['image'])
+    np.testing.assert_array_equal(a['example_id'], [0, 1, 2])
+    np.testing.assert_array_equal(b['example_id'], [3, 4, 5])
+    flipped += len(set(_rows(whole[step]['image'])) - set(_rows(_unit(_expected_train()))))
   assert flipped > 0  # Flips happened, and were the same in both layouts.
   with pytest.raises(ValueError, match='divide'):
     data.create_train_iterator(config, 5, seed=0, process_index=0, process_count=2)
 
 
-def test_iterator_state_round_trip():
-  config = _config()
-  iterator = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
-  _take(iterator, 3)
-  state = iterator.get_state()
-  expected = _take(iterator, 3)
-  restored = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
-  restored.set_state(state)
-  np.testing.assert_array_equal(np.stack(_take(restored, 3)), np.stack(expected))
+def _batches(config, batch_size, seed, count, process_index=0, process_count=1, start_step=0):
+  iterator = data.create_train_iterator(config, batch_size, seed, process_index, process_count, start_step)
+  return [next(iterator) for _ in range(count)]
 
 
-def test_iterator_state_through_orbax(tmp_path):
-  import orbax.checkpoint as ocp
+def test_stream_is_a_function_of_the_step_alone():
+  # 1797 digits in batches of 599: an epoch is exactly 3 batches, so 8 batches span three epochs.
   config = _config()
-  iterator = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
-  _take(iterator, 2)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-  expected = _take(iterator, 2)
-  restored = data.create_train_iterator(config, 8, seed=0, process_index=0, process_count=1)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.restore(manager.latest_step(),
-                    args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored)))
-  np.testing.assert_array_equal(np.stack(_take(restored, 2)), np.stack(expected))
+  stream = _batches(config, 599, seed=0, count=8)
+  # Resuming at step k (no iterator state) gives the batches an uninterrupted stream gives from k on.
+  for batch, again in zip(stream[5:], _batches(config, 599, seed=0, count=3, start_step=5)):
+    np.testing.assert_array_equal(again['image'], batch['image'])
+  # Worker processes compute whole batches and keep their order: the same stream.
+  for batch, again in zip(stream, _batches(_config(num_workers=2), 599, seed=0, count=8)):
+    np.testing.assert_array_equal(again['image'], batch['image'])
+  # Every epoch is a permutation of the data set, a different one each time.
+  epochs = [np.concatenate([b['image'] for b in stream[3 * e:3 * e + 3]]) for e in range(2)]
+  assert _rows(epochs[0]) == _rows(epochs[1]) == _rows(_digits_in_range())
+  assert not np.array_equal(epochs[0], epochs[1])
 
 
 # ------------------------------------------------------------------------------------------------- cifar10
