@@ -10,12 +10,15 @@ every one of them read it, so they never train on from different states.
 Orbax does not notice flipped bytes inside an array file, so meta also holds a CRC-32 of every state leaf
 (about 4 GB/s here), checked after each restore.
 """
+import itertools
+import json
 import logging
 import zlib
 
 import jax
+from jax._src import distributed as jax_distributed  # the key-value store; Orbax's barriers use it too
+from etils import epath
 import numpy as np
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from immiscible_jax import errors
@@ -46,18 +49,33 @@ def save(manager, step, state, meta):
 
 
 def read_meta(manager, step):
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  """The meta item of `step`, read as the JSON file Orbax wrote, not through Orbax: a process probing a step
+  must not enter Orbax's restore, whose cross-process synchronisation would wait for the processes that skip it."""
+  return json.loads((epath.Path(manager.directory) / str(step) / 'meta' / 'metadata').read_text())
 
 
+# How long a process waits for the others to report on a candidate step.
+_AGREEMENT_TIMEOUT_MS = 10 * 60 * 1000
 # What one process found at a candidate step.
 _READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
 
 
+_agreement_rounds = itertools.count()  # every process calls _gather equally often: round k has the same key
+
+
 def _gather(value):
-  """[process_count] int32: `value` from every process (a collective: every process must call it)."""
+  """[process_count] ints: `value` from every process; every process must call it, in the same order.
+
+  Through the distributed runtime's key-value store (as Orbax's own barriers are), not a device collective:
+  no program to compile, and it cannot pair with a collective that a process runs inside Orbax.
+  """
   if jax.process_count() == 1:
-    return np.array([value], np.int32)
-  return np.asarray(multihost_utils.process_allgather(np.array([value], np.int32))).reshape(-1)
+    return np.array([value])
+  client = jax_distributed.global_state.client
+  key = f'immiscible_jax/restore/{next(_agreement_rounds)}'
+  client.key_value_set(f'{key}/{jax.process_index()}', str(int(value)))
+  return np.array([int(client.blocking_key_value_get(f'{key}/{p}', _AGREEMENT_TIMEOUT_MS))
+                   for p in range(jax.process_count())])
 
 
 def _is_incompatible(error):
@@ -66,8 +84,8 @@ def _is_incompatible(error):
   return isinstance(error, ValueError) and ('shape' in text or 'tree structure' in text or 'mismatch' in text)
 
 
-def _try_step(manager, candidate, abstract_state, check_meta):
-  """(outcome, restored or None, why) for one step, on this process."""
+def _probe_step(manager, candidate, check_meta):
+  """(outcome, meta or the ConfigError, why): can this process read the step's meta, and does it fit?"""
   try:
     meta = read_meta(manager, candidate)
   except Exception as e:  # pylint: disable=broad-except  # unreadable: the caller tries an earlier step
@@ -77,6 +95,11 @@ def _try_step(manager, candidate, abstract_state, check_meta):
       check_meta(meta)
     except errors.ConfigError as e:
       return _INCOMPATIBLE, e, str(e)
+  return _READ, meta, ''
+
+
+def _read_step(manager, candidate, abstract_state, meta):
+  """(outcome, (step, state, meta) or the ConfigError, why): the step's arrays, checked against meta's CRCs."""
   try:
     state = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # pylint: disable=broad-except
@@ -89,6 +112,22 @@ def _try_step(manager, candidate, abstract_state, check_meta):
   if 'state_crc32' in meta and checksums(state) != meta['state_crc32']:  # older checkpoints: no checksums
     return _UNREADABLE, None, 'the arrays read back differ from their saved CRC-32 checksums (corrupt data)'
   return _READ, (candidate, state, meta), ''
+
+
+def _agree(candidate, outcome, result, why):
+  """This process's (outcome, result, why) made common: _READ only if every process read the step; a config
+  error anywhere is raised everywhere; otherwise _UNREADABLE with this process's reason or the failed ones."""
+  outcomes = _gather(outcome)
+  if (outcomes == _INCOMPATIBLE).any():
+    if outcome == _INCOMPATIBLE:
+      raise result
+    raise errors.ConfigError(f'cannot restore step {candidate}: process(es) '
+                             f'{np.flatnonzero(outcomes == _INCOMPATIBLE).tolist()} found it incompatible with '
+                             'this config (their message says how)')
+  if (outcomes == _READ).all():
+    return _READ, result, ''
+  failed = np.flatnonzero(outcomes != _READ).tolist()
+  return _UNREADABLE, None, why or f'unreadable on process(es) {failed}'
 
 
 def restore(manager, abstract_state, step=None, log=logging.warning, check_meta=None):
@@ -115,19 +154,16 @@ def restore(manager, abstract_state, step=None, log=logging.warning, check_meta=
     if candidate < 0:
       break
     below = candidate
-    outcome, result, why = _try_step(manager, candidate, abstract_state, check_meta) if candidate in steps else (
+    # Two agreed stages: the meta (read directly), then the arrays through Orbax, which every process enters
+    # together or not at all.
+    outcome, result, why = _probe_step(manager, candidate, check_meta) if candidate in steps else (
         _UNREADABLE, None, 'not listed by this process')
-    outcomes = _gather(outcome)
-    if (outcomes == _READ).all():
-      return result
-    if (outcomes == _INCOMPATIBLE).any():
-      if outcome == _INCOMPATIBLE:
-        raise result
-      raise errors.ConfigError(f'cannot restore step {candidate}: process(es) '
-                               f'{np.flatnonzero(outcomes == _INCOMPATIBLE).tolist()} found it incompatible with '
-                               'this config (their message says how)')
-    failed = np.flatnonzero(outcomes != _READ).tolist()
-    reasons.append(f'step {candidate}: ' + (why if why else f'unreadable on process(es) {failed}'))
+    outcome, result, why = _agree(candidate, outcome, result, why)
+    if outcome == _READ:
+      outcome, result, why = _agree(candidate, *_read_step(manager, candidate, abstract_state, result))
+      if outcome == _READ:
+        return result
+    reasons.append(f'step {candidate}: {why}')
     log(f'checkpoint at step {candidate} is unreadable, trying an earlier one ({reasons[-1]})')
   if not reasons:
     return None

@@ -1,9 +1,11 @@
 """Two processes on this host, joined by jax.distributed with 4 forced CPU devices each, train the tiny config.
 
-What only several processes can break: every process must end with the same parameters, the 'global' noise
-assignment must solve one problem over all processes' devices, the checkpoint that process 0 writes must
-restore in every process (state and each process's own data-iterator position), and only process 0 may write
-metrics. The processes are started by launch.multiprocess (its environment, output prefixes and failure
+What only several processes can break: every process must end with the same parameters, and with the
+parameters one process with all 8 devices reaches on the same global batches (noise, noise levels and the
+assignment are functions of the global example index); the 'global' noise assignment must solve one problem over
+all processes' devices; the checkpoint that process 0 writes must restore in every process, and when one process
+cannot read the newest step, all must restore the same earlier one; the evaluation split over processes must
+give the one-process metric; only process 0 may write metrics. The processes are started by launch.multiprocess (its environment, output prefixes and failure
 handling) and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
 
   python tests/test_multihost.py WORKDIR OUT_DIR     (with the launcher's environment)
@@ -36,6 +38,8 @@ def _config():
   config.checkpoint.every_steps = CKPT_EVERY
   config.assignment.method = 'hungarian'
   config.assignment.scope = 'global'
+  config.eval.every_steps = NUM_STEPS  # once, at the end: the metric of the split evaluation
+  config.eval.num_samples = 50  # not a multiple of the process count: unequal shares
   return config
 
 
@@ -58,19 +62,27 @@ def drive(workdir, out_dir):
   from immiscible_jax import main as entry  # pylint: disable=g-import-not-at-top
   entry._maybe_initialize_distributed()  # pylint: disable=protected-access  # the trainer's own set-up
   import jax  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import assignment, checkpointing, data, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import assignment, checkpointing, data, evaluators, train  # pylint: disable=g-import-not-at-top
 
   config = _config()
-  final = train.train_and_evaluate(config, workdir)
-  # Restore: the state written by process 0 alone, and this process's own iterator position.
+  final = train.train_and_evaluate(config, workdir, evaluator=evaluators.TrainingEvaluator(config))
+  # Restore: the state written by process 0 alone.
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), final)
-  new_iterator = lambda: data.create_train_iterator(config.data, config.training.batch_size, config.seed)
-  data_iter = new_iterator()
-  checkpoint_step, restored, _ = checkpointing.restore(manager, abstract, data_iter, step=NUM_STEPS)
-  uninterrupted = new_iterator()
-  for _ in range(NUM_STEPS):
-    next(uninterrupted)
+  checkpoint_step, restored, _ = checkpointing.restore(manager, abstract, step=NUM_STEPS)
+  # Process 1 alone cannot read the newest step (an I/O error): both must fall back to the same earlier step.
+  read_meta = checkpointing.read_meta
+
+  def flaky_read_meta(manager, step):
+    if jax.process_index() == 1 and step == NUM_STEPS:
+      raise OSError('injected: transient read error')
+    return read_meta(manager, step)
+
+  checkpointing.read_meta = flaky_read_meta
+  fallback_messages = []
+  fallback_step, _, _ = checkpointing.restore(manager, abstract, log=fallback_messages.append)
+  checkpointing.read_meta = read_meta
+  batch = next(data.create_train_iterator(config.data, config.training.batch_size, config.seed))
 
   # The assignment alone, on a known global batch: this process feeds the rows of its own devices.
   cfg = config.assignment.copy_and_resolve_references()
@@ -88,7 +100,8 @@ def drive(workdir, out_dir):
   np.savez(os.path.join(out_dir, f'process_{jax.process_index()}.npz'),
            process_count=jax.process_count(), device_count=jax.device_count(), checkpoint_step=checkpoint_step,
            assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
-           next_batch=next(data_iter)['image'], uninterrupted_next_batch=next(uninterrupted)['image'],
+           fallback_step=fallback_step, fallback_messages=np.array(fallback_messages),
+           example_id=batch['example_id'],
            **_named_leaves('final', final), **_named_leaves('restored', restored))
 
 
@@ -100,7 +113,8 @@ def run(tmp_path_factory):
   commands = multiprocess.process_commands(argv, NUM_PROCESSES, multiprocess.free_port(), CPU_DEVICES)
   cache = os.path.join(ROOT, '.cache', 'jax_compilation')
   for command in commands:
-    command.env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+    command.env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+                       IMMISCIBLE_JAX_CACHE=str(out_dir / 'cache'))  # reference statistics: written by process 0
   log = io.StringIO()
   statuses = multiprocess.run_processes(commands, log)
   (out_dir / 'output.txt').write_text(log.getvalue())
@@ -135,6 +149,27 @@ def test_processes_end_with_identical_trained_parameters(run):
   assert any(not np.array_equal(final0[k], final0['.ema_params' + k[len('.params'):]]) for k in params)
 
 
+def test_one_process_with_all_devices_trains_and_evaluates_the_same(run, tmp_path):
+  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  workdir, (first, _), _ = run
+  config = _config()
+  # This pytest process: 1 process x 8 devices, the same global batches; dropout is 0 in the tiny config.
+  single = train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config))
+  two_processes = _prefixed(first, 'final')
+  for name, leaf in _named_leaves('', single).items():
+    np.testing.assert_array_equal(leaf, two_processes[name], err_msg=name)
+  metric = lambda d: [json.loads(line) for line in open(d / 'metrics.jsonl') if 'eval/fd_pixels' in line][-1]
+  # The split evaluation: each process drew and scored its share, the moments were summed over processes.
+  np.testing.assert_allclose(metric(workdir)['eval/fd_pixels'], metric(tmp_path)['eval/fd_pixels'], rtol=1e-9)
+
+
+def test_each_process_holds_its_block_of_the_global_batch(run):
+  _, results, _ = run
+  per_process = _config().training.batch_size // NUM_PROCESSES
+  for i, result in enumerate(results):
+    np.testing.assert_array_equal(result['example_id'], np.arange(i * per_process, (i + 1) * per_process))
+
+
 def test_global_assignment_is_the_optimal_permutation_of_the_global_batch(run):
   _, results, _ = run
   images, noise = _assignment_problem()
@@ -149,7 +184,7 @@ def test_global_assignment_is_the_optimal_permutation_of_the_global_batch(run):
   assert cost[rows, cols].sum() < np.trace(cost)
 
 
-def test_checkpoint_restores_state_and_each_process_data_position(run):
+def test_checkpoint_restores_in_every_process_and_fallbacks_are_agreed(run):
   workdir, results, _ = run
   for result in results:
     assert int(result['checkpoint_step']) == NUM_STEPS
@@ -157,8 +192,11 @@ def test_checkpoint_restores_state_and_each_process_data_position(run):
     assert final.keys() == restored.keys()
     for name in final:  # written by process 0 alone, read back by each process
       np.testing.assert_array_equal(restored[name], final[name], err_msg=name)
-    np.testing.assert_array_equal(result['next_batch'], result['uninterrupted_next_batch'])
-  assert not np.array_equal(results[0]['next_batch'], results[1]['next_batch'])  # each restored its own shard
+    # Process 1 could not read the newest step: both restored the same earlier one, and said why.
+    assert int(result['fallback_step']) == NUM_STEPS - CKPT_EVERY
+    assert len(result['fallback_messages']) == 1
+  assert f'step {NUM_STEPS}: unreadable on process(es) [1]' in str(results[0]['fallback_messages'][0])
+  assert 'OSError: injected' in str(results[1]['fallback_messages'][0])
   steps = sorted(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
   assert steps == list(range(CKPT_EVERY, NUM_STEPS + 1, CKPT_EVERY))
   assert json.loads((workdir / 'done.json').read_text()) == {'step': NUM_STEPS}
@@ -167,6 +205,8 @@ def test_checkpoint_restores_state_and_each_process_data_position(run):
 def test_only_process_zero_writes_metrics(run):
   workdir, _, log = run
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines if 'eval/fd_pixels' in line] == [NUM_STEPS]
+  lines = [line for line in lines if 'train/loss' in line]
   logged = set(range(LOG_EVERY, NUM_STEPS + 1, LOG_EVERY)) | set(range(CKPT_EVERY, NUM_STEPS + 1, CKPT_EVERY))
   assert [line['step'] for line in lines] == sorted(logged)  # each step once: one writer
   assert all(np.isfinite(line['train/loss']) for line in lines)

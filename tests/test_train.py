@@ -6,16 +6,20 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from configs import tiny
 from immiscible_jax import consistency
 from immiscible_jax import data
+from immiscible_jax import errors
 from immiscible_jax import evaluators
 from immiscible_jax import models
 from immiscible_jax import replicas
 from immiscible_jax import sampling
+from immiscible_jax import saved_config
 from immiscible_jax import train
 from immiscible_jax import train_state
 
@@ -173,6 +177,30 @@ def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys
   config.sampling.seed = 2
   other = evaluators._generate_from_checkpoint(config, workdir, None, 20)[1]  # pylint: disable=protected-access
   assert np.any(other != images)
+
+
+def test_sample_and_eval_take_the_run_config_from_its_checkpoint(trained_run):
+  config, workdir, _, _ = trained_run
+  # No --config: the saved one, with its non-default model.nf, learning rate and assignment, tuples as tuples.
+  saved = saved_config.for_inference(workdir, config.checkpoint)
+  for section in ('data', 'model', 'training', 'assignment', 'optim', 'eval'):  # (sampling: changed above)
+    assert saved[section].to_dict() == config[section].to_dict(), section
+  assert saved.model.nf != default.get_config().model.nf
+  # A --config may change sampling/eval settings and moved data paths, nothing that shapes the trained model.
+  given = ml_collections.ConfigDict(config.to_dict())
+  given.sampling.num_samples, given.eval.num_samples, given.checkpoint.max_to_keep = 7, 9, 1
+  merged = saved_config.for_inference(workdir, config.checkpoint, step=150, given=given)
+  assert (merged.sampling.num_samples, merged.eval.num_samples) == (7, 9)
+  assert merged.checkpoint.max_to_keep == config.checkpoint.max_to_keep  # ignored: not an inference key
+  drifted = ml_collections.ConfigDict(given.to_dict())
+  drifted.model.nf, drifted.training.ema_rate = 16, 0.5
+  with pytest.raises(errors.ConfigError) as err:
+    saved_config.for_inference(workdir, config.checkpoint, given=drifted)
+  message = str(err.value)
+  assert 'model.nf (saved 8, given 16)' in message and 'training.ema_rate (saved 0.99, given 0.5)' in message
+  assert 'sampling.num_samples' not in message.split('differ')[0] and 'unreadable' not in message
+  with pytest.raises(errors.ConfigError, match='--step=7: no checkpoint at that step'):
+    saved_config.for_inference(workdir, config.checkpoint, step=7)
 
 
 def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_path):
