@@ -4,7 +4,8 @@ JSON API on localhost (gcp-storage-emulator from requirements-test.txt, started 
 One tiny training run (module fixture) is shared: it is stopped after its first checkpoint (step 4), started again
 from the bucket and finishes at step 8. Its workdir is an arm of a sweep root in the bucket, so launch.sweep sees its
 done.json there and launch.report reads its metrics.jsonl. Every subprocess runs in an empty local folder that must
-stay empty. The tests are skipped only when the emulator cannot start, with the reason (make test prints it: -rs).
+stay empty. A .tar.gz of images in the bucket is read as data.path, its decoded cache kept in the bucket.
+The tests are skipped only when the emulator cannot start, with the reason (make test prints it: -rs).
 """
 import json
 import os
@@ -208,3 +209,28 @@ def test_report_reads_the_bucket_and_writes_its_report_there(swept, capsys):
   trained_loss = json.loads(storage.read_text(f'{WORKDIR}/metrics.jsonl').splitlines()[-1])['train/loss']
   assert finals['method=none'] == [pytest.approx(trained_loss)]
   assert finals['method=knn'] == [pytest.approx(1.1 * trained_loss)]
+
+
+def test_image_archive_in_the_bucket_is_streamed_and_its_decoded_cache_kept_there(gcs, monkeypatch):
+  del gcs
+  import io  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import image_folder  # pylint: disable=g-import-not-at-top
+  archive = io.BytesIO()
+  with tarfile.open(fileobj=archive, mode='w:gz') as tar:
+    for label in range(2):
+      for i in range(3):
+        png = io.BytesIO()
+        Image.fromarray(np.full((4, 4), 10 * label + i, np.uint8)).save(png, format='png')
+        member = tarfile.TarInfo(f'digits/train/{label}/{i}.png')
+        member.size = len(png.getvalue())
+        tar.addfile(member, io.BytesIO(png.getvalue()))
+  path, cache = f'gs://{BUCKET}/data/tiny.tar.gz', f'gs://{BUCKET}/image_cache'
+  storage.write_bytes(path, archive.getvalue())
+  monkeypatch.setenv('IMMISCIBLE_JAX_CACHE', cache)
+  images = image_folder.load(path, 'train', channels=1)
+  assert images.shape == (6, 4, 4, 1) and list(images[:, 0, 0, 0]) == [0, 10, 1, 11, 2, 12]  # round-robin order
+  (cached,) = storage.listdir(f'{cache}/data')
+  assert cached.startswith('tiny.tar.gz-train-') and cached.endswith('.npy')
+  np.testing.assert_array_equal(storage.load_npy(f'{cache}/data/{cached}'), images)
