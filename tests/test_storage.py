@@ -90,13 +90,15 @@ def gcs(tmp_path_factory):
   proc.wait(timeout=30)
 
 
-def _start(cwd, args, program=('-m', 'immiscible_jax.main'), env=None):
-  """The trainer's command line in a subprocess whose working directory is `cwd` (the emulator env inherited)."""
+def _start(cwd, args, program=('-m', 'immiscible_jax.main'), env=None, config=True):
+  """The trainer's command line (on configs/tiny.py unless not `config`) in a subprocess whose working directory
+  is `cwd` (the emulator env inherited)."""
   full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
               'JAX_COMPILATION_CACHE_DIR': os.path.join(_ROOT, '.cache', 'jax_compilation'),
               'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': _ROOT,
               **(env or {})}
-  return subprocess.Popen([sys.executable, *program, f'--config={_ROOT}/configs/tiny.py', *args], cwd=cwd,
+  config_flag = [f'--config={_ROOT}/configs/tiny.py'] if config else []
+  return subprocess.Popen([sys.executable, *program, *config_flag, *args], cwd=cwd,
                           env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -137,8 +139,9 @@ def test_training_writes_every_file_to_the_bucket_and_resumes_from_it(trained):
 
 def test_sample_and_eval_write_their_outputs_to_the_bucket(trained):
   cwd, cache = trained['cwd'], f'gs://{BUCKET}/cache'
-  # In parallel: both only read the checkpoint. Evaluation keeps its reference statistics in the bucket too.
-  procs = [_start(cwd, [f'--workdir={WORKDIR}', '--mode=sample', *_FLAGS]),
+  # In parallel: both only read the checkpoint. Sampling takes the run's config from the bucket (no --config);
+  # evaluation keeps its reference statistics in the bucket too.
+  procs = [_start(cwd, [f'--workdir={WORKDIR}', '--mode=sample'], config=False),
            _start(cwd, [f'--workdir={WORKDIR}', '--mode=eval', *_FLAGS], env={'IMMISCIBLE_JAX_CACHE': cache})]
   sample_out, eval_out = (_finish(p) for p in procs)
   samples = f'{WORKDIR}/samples/step_8_1step'
