@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.installed-test-$(shell cksum requirements-test.txt | cut -d' ' -f1)
 CACHE ?= $(HOME)/.cache/immiscible_jax
 WORKDIR ?= workdirs/demo
 
@@ -16,6 +17,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	rm -f $(VENV)/.installed-*; touch $@
 
+# Test-only packages (the GCS emulator of tests/test_storage.py), on top of the run-time set.
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-test.txt
+	rm -f $(VENV)/.installed-test-*; touch $@
+
 # Best effort: the Flax-vs-TorchScript Inception test needs torch and the converted weights; without them
 # it is skipped with its reason, and the rest of the suite still runs.
 fid-weights: $(STAMP)
@@ -24,8 +30,9 @@ fid-weights: $(STAMP)
 	@$(PY) -m immiscible_jax.convert_inception --cache_dir=$(CACHE) \
 		|| echo "fid-weights: conversion failed; Inception tests will be skipped"
 
-test: $(STAMP) fid-weights
-	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q tests
+# -rs: a skipped test prints its reason (e.g. the GCS emulator could not start).
+test: $(STAMP) $(TEST_STAMP) fid-weights
+	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs tests
 
 demo: $(STAMP)
 	$(PY) -m immiscible_jax.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=train

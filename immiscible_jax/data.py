@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from immiscible_jax import image_folder
+from immiscible_jax import storage
 from immiscible_jax.errors import ConfigError
 
 DATASETS = ('digits', 'cifar10', 'folder')
@@ -51,10 +52,10 @@ def validate_config(data_config):
     raise ConfigError(f'data.split={data_config.split!r} for digits; allowed: {_DIGITS_SPLITS}.')
   if dataset == 'folder':
     path = data_config.path
-    if not path or not os.path.exists(path):
+    if not path or not storage.exists(path):
       raise ConfigError(f'data.path={path!r} does not exist; for data.dataset="folder" it must be a folder of '
                        f'PNG/JPEG files or a {"/".join(image_folder.ARCHIVE_EXTENSIONS)} archive of one.')
-    if not (os.path.isdir(path) or image_folder.is_archive(path)):
+    if not (storage.isdir(path) or image_folder.is_archive(path)):
       raise ConfigError(f'data.path={path!r} is neither a folder nor a '
                        f'{"/".join(image_folder.ARCHIVE_EXTENSIONS)} archive.')
   if not isinstance(data_config.num_workers, int) or data_config.num_workers < 0:
@@ -144,7 +145,7 @@ def _source(data_config, split, max_images=None):
   images = image_folder.load(data_config.path, split, data_config.channels, max_images, image_size=size)
   check_downsampling(size, images.shape[1], f'data.path={data_config.path!r}')
   images = area_downsample(images, size)
-  return _Images(images, f'folder:{os.path.abspath(data_config.path)}:{split}')
+  return _Images(images, f'folder:{storage.abspath(data_config.path)}:{split}')
 
 
 class _GlobalBatches:

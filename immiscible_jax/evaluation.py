@@ -16,6 +16,7 @@ import numpy as np
 
 from immiscible_jax import errors
 from immiscible_jax import inception
+from immiscible_jax import storage
 
 METRICS = ('pixels', 'inception')
 INCEPTION_NAME = 'inception_v3_tf2015'
@@ -213,16 +214,14 @@ def reference_statistics(extractor, images_fn, cache_key, cache_dir):
   """
   if not re.fullmatch(r'[A-Za-z0-9_.\-]+', cache_key):
     raise ValueError(f'cache_key must use letters, digits, ".", "_" or "-" only, got {cache_key!r}.')
-  path = os.path.join(cache_dir, 'stats', f'{cache_key}_{extractor.name}.npz')
-  if os.path.exists(path):
-    with np.load(path) as npz:
-      return npz['mu'], npz['sigma']
+  path = storage.join(cache_dir, 'stats', f'{cache_key}_{extractor.name}.npz')
+  if storage.exists(path):
+    npz = storage.load_npz(path)
+    return npz['mu'], npz['sigma']
   images = images_fn()
   mu, sigma = compute_statistics(extractor(images))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'wb') as f:  # Atomic, so an interrupted run never leaves a truncated cache.
-    np.savez(f, mu=mu, sigma=sigma, num_images=len(images))
-  os.replace(path + '.tmp', path)
+  # Atomic, so an interrupted run never leaves a truncated cache.
+  storage.save_npz(path, atomic=True, mu=mu, sigma=sigma, num_images=len(images))
   return mu, sigma
 
 

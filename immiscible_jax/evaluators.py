@@ -8,6 +8,7 @@ gets the metric a single process would. Reference statistics are computed and ca
 others read its file, or compute their own where the cache is not shared). Only process 0 writes files.
 """
 import functools
+import io
 import json
 import os
 
@@ -21,6 +22,7 @@ from immiscible_jax import errors
 from immiscible_jax import evaluation
 from immiscible_jax import models
 from immiscible_jax import sampling
+from immiscible_jax import storage
 from immiscible_jax import train_state
 
 
@@ -35,7 +37,7 @@ def _sampler(config, model, sigmas):
 
 def _reference_stats(config, extractor):
   d, e = config.data, config.eval
-  source = d.dataset if d.dataset != 'folder' else 'folder-' + os.path.basename(os.path.normpath(d.path))
+  source = d.dataset if d.dataset != 'folder' else 'folder-' + storage.basename(d.path)
   key = f'{source}_{e.reference_split}_{d.image_size}px_n{e.reference_num_images}'
   images_fn = functools.partial(data.load_images, d, e.reference_split, e.reference_num_images)
   compute = lambda: evaluation.reference_statistics(extractor, images_fn, key, evaluation.default_cache_dir())
@@ -104,11 +106,13 @@ def _generate_from_checkpoint(config, workdir, step, num_samples, start_index=0)
 def sample_from_checkpoint(config, workdir, step=None):
   """Writes sampling.num_samples samples (.npz shards) and a PNG grid under workdir/samples/; returns paths."""
   step, images = _generate_from_checkpoint(config, workdir, step, config.sampling.num_samples)
-  out_dir = os.path.join(workdir, 'samples', f'step_{step}_{len(config.sampling.sigmas)}step')
-  paths, grid_path = [], os.path.join(out_dir, 'grid.png')
+  out_dir = storage.join(workdir, 'samples', f'step_{step}_{len(config.sampling.sigmas)}step')
+  paths, grid_path = [], storage.join(out_dir, 'grid.png')
   if jax.process_index() == 0:
     paths = sampling.save_samples(images, out_dir, config.sampling.shard_size)
-    sampling.image_grid(images[:min(len(images), 100)]).save(grid_path)
+    png = io.BytesIO()
+    sampling.image_grid(images[:min(len(images), 100)]).save(png, format='png')
+    storage.write_bytes(grid_path, png.getvalue())
     print(f'wrote {len(images)} samples from step {step}: {", ".join(paths)}')
     print(f'sample grid: {grid_path}')
   return paths, grid_path
@@ -131,8 +135,7 @@ def evaluate(config, workdir, step=None, samples_path=None):
   result = {'step': step, metric_name(config.eval): value, 'num_samples': int(num_samples),
             'extractor': extractor.name, 'samples': samples_path or 'fresh'}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{step if step is not None else "samples"}.json')
-    with open(path, 'w') as f:
-      json.dump(result, f, indent=2)
+    path = storage.join(workdir, f'eval_{step if step is not None else "samples"}.json')
+    storage.write_text(path, json.dumps(result, indent=2), atomic=True)
     print(json.dumps(result))
   return result

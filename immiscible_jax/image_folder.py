@@ -17,6 +17,9 @@ image k of every class, then image k+1, ... so any prefix (`max_images`) is clas
 The decoded split is cached at its stored size as .npy in $IMMISCIBLE_JAX_CACHE (default ~/.cache/immiscible_jax)/data,
 keyed by the absolute path, the archive's size and mtime (or every image's for a folder), the split and channels;
 every data.image_size is made from that one cache.
+
+data.path and the cache may be in a bucket (storage.py): an archive at gs://... is streamed through a file object
+(a folder must be local), and $IMMISCIBLE_JAX_CACHE=gs://... keeps the decoded .npy there.
 """
 import hashlib
 import io
@@ -29,6 +32,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from immiscible_jax import storage
 from immiscible_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -47,7 +51,7 @@ def is_archive(path):
 def cache_dir():
   root = os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
                                                                   'immiscible_jax')
-  return os.path.join(root, 'data')
+  return storage.join(root, 'data')
 
 
 def _hidden(relpath):
@@ -59,7 +63,7 @@ def _list_files(path):
   if is_archive(path):
     blobs = {}
     try:
-      with tarfile.open(path, 'r:gz') as tar:
+      with storage.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:gz') as tar:
         for member in tar:  # One sequential pass: seeking back in a gzip stream is slow.
           name = posixpath.normpath(member.name).lstrip('/')
           if member.isfile() and not _hidden(name):
@@ -77,8 +81,7 @@ def _list_files(path):
         files[relpath] = (st.st_size, st.st_mtime_ns)
 
   def read(relpath):
-    with open(os.path.join(path, relpath), 'rb') as f:
-      return f.read()
+    return storage.read_bytes(os.path.join(path, relpath))
 
   return files, read
 
@@ -138,7 +141,7 @@ def _decode_all(paths, read, root, image_size, channels):
   """Decodes `paths` (relative to root) into uint8 [N, S, S, C]; the first image sets S."""
   images, expected = [], None
   for relpath in paths:
-    where = os.path.join(root, relpath)
+    where = storage.join(root, relpath)
     image = _decode(read(relpath), where, channels, expected)
     if expected is None:
       first = image.shape[0]
@@ -149,22 +152,17 @@ def _decode_all(paths, read, root, image_size, channels):
 
 def _cache_path(path, split, channels, files):
   if is_archive(path):
-    st = os.stat(path)
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = storage.fingerprint(path)
   else:
     stamp = sorted(files.items())
-  key = json.dumps([_CACHE_VERSION, os.path.abspath(path), split, channels, stamp])
-  name = f'{os.path.basename(os.path.normpath(path))}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy'
-  return os.path.join(cache_dir(), name)
+  key = json.dumps([_CACHE_VERSION, storage.abspath(path), split, channels, stamp])
+  name = f'{storage.basename(path)}-{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy'
+  return storage.join(cache_dir(), name)
 
 
 def _write_cache(cache_file, images):
   try:
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    tmp = f'{cache_file}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-      np.save(f, images)
-    os.replace(tmp, cache_file)  # Atomic: several processes may decode and write at once.
+    storage.save_npy(cache_file, images, atomic=True)  # Atomic: several processes may decode and write at once.
   except OSError as e:
     logging.warning('Could not cache decoded images at %s (%s); they will be decoded again next time.',
                     cache_file, e)
@@ -175,25 +173,28 @@ def load(path, split, channels, max_images=None, image_size=None):
 
   image_size (the size the caller will downsample to) only words the error for an image of another size.
   """
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'data.path={path!r} does not exist.')
+  if storage.is_remote(path) and not is_archive(path):
+    raise ConfigError(f'data.path={path!r}: a folder in a bucket is not read; give a '
+                      f'{"/".join(ARCHIVE_EXTENSIONS)} archive of it (or a local folder).')
   # An archive's cache key needs only its stat, so a cached archive is not even decompressed.
   if is_archive(path):
     cache_file = _cache_path(path, split, channels, None)
-    if os.path.exists(cache_file):
-      return np.load(cache_file)[:max_images]
+    if storage.exists(cache_file):
+      return storage.load_npy(cache_file)[:max_images]
   files, read = _list_files(path)
   if not is_archive(path):
     cache_file = _cache_path(path, split, channels, files)
-    if os.path.exists(cache_file):
-      return np.load(cache_file)[:max_images]
+    if storage.exists(cache_file):
+      return storage.load_npy(cache_file)[:max_images]
   selected = _select_split(list(files), split, path)
   if not selected:
     raise ConfigError(f'data.path={path!r} (data.split={split!r}): no images found; expected '
                      f'{"/".join(IMAGE_EXTENSIONS)} files, optionally in <split>/<class>/ folders.')
   for relpath in selected:
     if not relpath.lower().endswith(IMAGE_EXTENSIONS):
-      raise ConfigError(f'{os.path.join(path, relpath)}: not an image file (allowed: {IMAGE_EXTENSIONS}); '
+      raise ConfigError(f'{storage.join(path, relpath)}: not an image file (allowed: {IMAGE_EXTENSIONS}); '
                        'remove it from data.path.')
   ordered = _canonical_order(selected)
   partial = max_images is not None and max_images < len(ordered)

@@ -10,12 +10,12 @@ Preprocessing (`preprocess`) follows NVIDIA's FID code as used by the wheel: uin
 bilinear resize to 299x299 with TF1's legacy sampling (source = dest * in / out, edge clamped, no half-pixel
 offset) -> (x - 128) / 128. Layout is NHWC throughout.
 """
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from immiscible_jax import storage
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -28,11 +28,11 @@ CONVERT_COMMAND = 'python -m immiscible_jax.convert_inception'
 
 
 def weights_path(cache_dir):
-  return os.path.join(cache_dir, 'inception', WEIGHTS_FILENAME)
+  return storage.join(cache_dir, 'inception', WEIGHTS_FILENAME)
 
 
 def torchscript_path(cache_dir):
-  return os.path.join(cache_dir, 'inception', TORCHSCRIPT_FILENAME)
+  return storage.join(cache_dir, 'inception', TORCHSCRIPT_FILENAME)
 
 
 class ConvBN(nn.Module):
@@ -258,13 +258,12 @@ def unflatten(flat):
 
 def load_params(path):
   """Reads the converted weights (.npz of 'module/path/leaf' float32 arrays) and checks them against the network."""
-  if not os.path.exists(path):
-    cache_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if not storage.exists(path):
+    cache_dir = storage.dirname(storage.dirname(storage.abspath(path)))
     raise FileNotFoundError(
         f'Inception weights not found at {path}. Create them once (needs torch and pip access) with:\n'
         f'  {CONVERT_COMMAND} --cache_dir={cache_dir}')
-  with np.load(path) as npz:
-    flat = {k: npz[k] for k in npz.files}
+  flat = storage.load_npz(path)
   expected = param_shapes()
   got = {k: v.shape for k, v in flat.items()}
   if got != expected:

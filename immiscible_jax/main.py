@@ -9,6 +9,8 @@ sample and eval rebuild the run from the config saved with its checkpoint (saved
 there may change sampling.*, eval.* and moved data paths only. Resuming with changed schedule keys
 (training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c) is refused unless --allow_schedule_change.
 
+--workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there.
+
 Bad input (a config value, a data folder, a flag) ends in one line on stderr, `error: <key>: <what is wrong>`,
 and exit status 2; with --traceback the error is raised instead, with its Python traceback.
 
@@ -78,9 +80,9 @@ def main(argv):
 
 def _run(config):
   """Validates, then runs one mode. The evaluator is built here and handed to the trainer."""
-  from immiscible_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
-  # Orbax wants absolute paths; leave URLs such as gs://bucket/run alone.
-  workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+  from immiscible_jax import config_checks, errors, storage  # pylint: disable=g-import-not-at-top
+  # Orbax wants absolute paths; URLs such as gs://bucket/run stay as they are (and get no local folder).
+  workdir = storage.abspath(FLAGS.workdir)
   if FLAGS.mode == 'train':
     if config is None:
       raise errors.ConfigError('--config: required for --mode=train (e.g. --config=configs/digits.py)')
@@ -90,8 +92,7 @@ def _run(config):
     config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config)
   config_checks.validate(config)  # before the heavier imports below, and before anything compiles
   from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
-  if '://' not in workdir:
-    os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if FLAGS.mode == 'train':
     evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
     train.train_and_evaluate(config, workdir, evaluator=evaluator, allow_schedule_change=FLAGS.allow_schedule_change)

@@ -1,13 +1,88 @@
 """Where scalars go: metrics.jsonl and TensorBoard in the workdir, and the console (progress bar on a terminal).
 
 Only process 0 writes; the others get a writer that does nothing, so callers need no `if` of their own.
+
+The workdir may be a bucket (gs://...; storage.py). Objects cannot be appended to, so for a URL both files are
+kept in memory and rewritten whole: metrics.jsonl at a write at most every REMOTE_FLUSH_SECS (GCS takes about one
+write per second to an object) and at close(); the TensorBoard event file at tensorboardX's own flushes (every
+REMOTE_FLUSH_SECS) and at close(). A hard kill loses at most the rows of the last REMOTE_FLUSH_SECS; the resumed run
+logs from its checkpoint on. TensorBoard: tensorboardX's SummaryWriter with a record writer of ours for the URL's
+scheme, which buffers the event file and uploads it through storage.py at each flush. Not tensorboardX's bundled
+gs:// writer (its own google-cloud-storage client: a second set of credentials and settings beside gcsfs, gs://
+only, and it rewrites the object from __del__ at interpreter exit) and not tf.summary (needs TensorFlow); nor a
+local temporary folder uploaded at each flush, which would write under the local disk. Local workdirs are written
+as before: metrics.jsonl appended and flushed at every write, TensorBoard through tensorboardX's file writer.
 """
+import io
 import json
-import os
 import sys
 import time
 
 import jax
+
+from immiscible_jax import storage
+
+# Least seconds between two uploads of one growing object (metrics.jsonl, an event file) in a bucket.
+REMOTE_FLUSH_SECS = 10.0
+
+
+class _RemoteText:
+  """A text file in a bucket that grows: kept whole in memory, uploaded at flush() (file-like for write/flush)."""
+
+  def __init__(self, path, initial=''):
+    self._path, self._text, self._dirty, self._last = path, initial, False, 0.0
+
+  def write(self, text):
+    self._text += text
+    self._dirty = True
+
+  def flush(self, force=False):
+    if self._dirty and (force or time.time() - self._last >= REMOTE_FLUSH_SECS):
+      storage.write_text(self._path, self._text)
+      self._dirty, self._last = False, time.time()
+
+  def close(self):
+    self.flush(force=True)
+
+
+class _RemoteRecordFile:
+  """tensorboardX record file for a URL: buffers the event file and uploads it whole through storage.py."""
+
+  def __init__(self, path):
+    self._path, self._buffer, self._uploaded = path, io.BytesIO(), -1
+
+  def write(self, data):
+    self._buffer.write(data)
+
+  def flush(self):
+    if self._buffer.tell() != self._uploaded:
+      storage.write_bytes(self._path, self._buffer.getvalue())
+      self._uploaded = self._buffer.tell()
+
+  def close(self):
+    self.flush()
+
+
+class _RemoteRecordFactory:
+
+  def open(self, path):
+    return _RemoteRecordFile(path)
+
+  def directory_check(self, path):
+    del path  # a bucket has no folders to create
+
+
+def _summary_writer(logdir):
+  """tensorboardX's SummaryWriter for a local folder or a URL; None without tensorboardX."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  # in requirements
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if not storage.is_remote(logdir):
+    return SummaryWriter(logdir)
+  record_writer.register_writer_factory(logdir.split('://')[0], _RemoteRecordFactory())
+  return SummaryWriter(logdir, flush_secs=REMOTE_FLUSH_SECS)
 
 
 class MetricWriter:
@@ -19,20 +94,21 @@ class MetricWriter:
     self._bar = self._tb = self._jsonl = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
-    torn = os.path.exists(path) and os.path.getsize(path) > 0 and open(path, 'rb').read()[-1:] != b'\n'
-    self._jsonl = open(path, 'a')
-    if torn:
-      self._jsonl.write('\n')
-    try:
-      from tensorboardX import SummaryWriter  # optional at import time; listed in requirements
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:
-      self._tb = None
+    storage.makedirs(workdir)
+    path = storage.join(workdir, 'metrics.jsonl')
+    if storage.is_remote(path):
+      old = storage.read_text(path) if storage.exists(path) else ''
+      # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
+      self._jsonl = _RemoteText(path, old + ('\n' if old and not old.endswith('\n') else ''))
+    else:
+      # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
+      torn = storage.exists(path) and storage.size(path) > 0 and storage.read_bytes(path)[-1:] != b'\n'
+      self._jsonl = storage.open(path, 'a')  # pylint: disable=consider-using-with
+      if torn:
+        self._jsonl.write('\n')
+    self._tb = _summary_writer(storage.join(workdir, 'tensorboard'))
     if sys.stderr.isatty():
-      import tqdm
+      import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit='step')
 
   def write(self, step, scalars):

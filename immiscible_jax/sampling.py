@@ -7,7 +7,6 @@ for a given key: sample j always uses fold_in(key, j), whatever the device count
 """
 import functools
 import math
-import os
 
 import flax.jax_utils
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from immiscible_jax import consistency
+from immiscible_jax import storage
 
 # Grids are scaled up (nearest neighbour, by a whole factor) until their longer side reaches this many pixels:
 # 100 digits of 8x8 become a 546-pixel image (each digit 48 pixels wide), 100 CIFAR-10 images 662 pixels.
@@ -79,21 +79,21 @@ def image_grid(images_uint8, columns=None, min_side=GRID_MIN_SIDE):
 
 def save_samples(images_uint8, out_dir, shard_size=10000, prefix='samples'):
   """Writes [N, H, W, C] uint8 as <prefix>_00000-of-000NN.npz shards (key 'images'); returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   num_shards = max(1, math.ceil(len(images_uint8) / shard_size))
   paths = []
   for i in range(num_shards):
-    path = os.path.join(out_dir, f'{prefix}_{i:05d}-of-{num_shards:05d}.npz')
-    np.savez(path, images=images_uint8[i * shard_size:(i + 1) * shard_size])
+    path = storage.join(out_dir, f'{prefix}_{i:05d}-of-{num_shards:05d}.npz')
+    storage.save_npz(path, atomic=False, images=images_uint8[i * shard_size:(i + 1) * shard_size])
     paths.append(path)
   return paths
 
 
 def load_samples(path_or_dir):
   """Loads one .npz or every samples_*.npz shard of a directory, in shard order."""
-  if os.path.isdir(path_or_dir):
-    names = sorted(f for f in os.listdir(path_or_dir) if f.endswith('.npz'))
+  if storage.isdir(path_or_dir):
+    names = [f for f in storage.listdir(path_or_dir) if f.endswith('.npz')]
     if not names:
       raise FileNotFoundError(f'no .npz sample shards in {path_or_dir}')
-    return np.concatenate([np.load(os.path.join(path_or_dir, f))['images'] for f in names])
-  return np.load(path_or_dir)['images']
+    return np.concatenate([storage.load_npz(storage.join(path_or_dir, f))['images'] for f in names])
+  return storage.load_npz(path_or_dir)['images']

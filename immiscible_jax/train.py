@@ -30,6 +30,7 @@ from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import preemption
 from immiscible_jax import replicas
+from immiscible_jax import storage
 from immiscible_jax import train_state
 
 AXIS = replicas.AXIS
@@ -129,8 +130,7 @@ def _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_s
 
 def _write_json(workdir, name, text):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, name), 'w') as f:
-      f.write(text)
+    storage.write_text(storage.join(workdir, name), text, atomic=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluator=None, stop_at_step=None,

@@ -16,23 +16,25 @@ e.g. 'size=16,assign=knn8' -> 'size=16,assign=none') seed by seed, and writes to
   report_paired.png the paired difference to the baseline vs step with its 95% band, one panel per context.
   report.json       the same numbers, machine-readable.
 The overview's threshold defaults to the worst final value over all runs, so that every run reaches it.
+ROOT and --out may be buckets (gs://BUCKET/prefix, through immiscible_jax/storage.py).
 Statistics: launch/report_stats.py.
 """
 import argparse
+import io
 import json
 import math
 import sys
 
-from etils import epath
 import numpy as np
 
+from immiscible_jax import storage
 from launch import report_stats
 
 
 def read_series(path, metric):
   """[(step, value), ...] by step from a metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
   values = {}
-  for line in epath.Path(path).read_text().splitlines():
+  for line in storage.read_text(path).splitlines():
     try:
       row = json.loads(line) if line.strip() else {}
     except json.JSONDecodeError:  # a line cut short by a hard kill; the resumed run logs that step again
@@ -156,10 +158,13 @@ def _panels(contexts, figsize=(7, 4.5)):
 
 
 def _save(fig, path):
+  """Writes the figure as PNG to a local path or a URL (matplotlib itself writes local files only)."""
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=120, format='png')
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
 
 
 def _draw_band(ax, points, label):
@@ -205,10 +210,10 @@ def plot_paired(comparisons, metric, path):
 
 def arm_names(root):
   """Arms in sweep.json's order when it exists, else every sub-directory holding a metrics.jsonl, sorted."""
-  root = epath.Path(root)
-  if (root / 'sweep.json').exists():
-    return [arm['name'] for arm in json.loads((root / 'sweep.json').read_text())['arms']]
-  return sorted(p.parent.name for p in root.glob('*/metrics.jsonl'))
+  record = storage.join(root, 'sweep.json')
+  if storage.exists(record):
+    return [arm['name'] for arm in json.loads(storage.read_text(record))['arms']]
+  return sorted(storage.basename(storage.dirname(p)) for p in storage.glob(root, '*/metrics.jsonl'))
 
 
 def write_report(root, metric='eval/fd_pixels', threshold=None, baseline='method=none', out=None,
@@ -219,21 +224,21 @@ def write_report(root, metric='eval/fd_pixels', threshold=None, baseline='method
   """
   runs = {}
   for name in arm_names(root):
-    path = epath.Path(root) / name / 'metrics.jsonl'
-    if path.exists():
+    path = storage.join(root, name, 'metrics.jsonl')
+    if storage.exists(path):
       runs[name] = read_series(path, metric)
   threshold, rows = summarize(runs, threshold, baseline)
   comparisons = report_stats.compare(runs, baseline, multipliers, thresholds)
   text = report_stats.conclusion(comparisons, metric)
-  out = epath.Path(out or root)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'report.md').write_text(markdown(rows, metric, threshold, baseline, comparisons, text))
+  out = out or root
+  storage.makedirs(out)
+  storage.write_text(storage.join(out, 'report.md'), markdown(rows, metric, threshold, baseline, comparisons, text))
   record = dict(metric=metric, threshold=threshold, baseline=baseline, groups=rows, comparisons=comparisons,
                 conclusion=text)
-  (out / 'report.json').write_text(json.dumps(_without_nan(record), indent=2) + '\n')
-  plot(runs, rows, metric, threshold, str(out / 'report.png'), baseline)
+  storage.write_text(storage.join(out, 'report.json'), json.dumps(_without_nan(record), indent=2) + '\n')
+  plot(runs, rows, metric, threshold, storage.join(out, 'report.png'), baseline)
   if comparisons:
-    plot_paired(comparisons, metric, str(out / 'report_paired.png'))
+    plot_paired(comparisons, metric, storage.join(out, 'report_paired.png'))
   return threshold, rows
 
 
@@ -264,7 +269,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   threshold, rows = write_report(args.root, args.metric, args.threshold, args.baseline, args.out,
                                  _floats(args.multipliers), _floats(args.thresholds))
-  print((epath.Path(args.out or args.root) / 'report.md').read_text())
+  print(storage.read_text(storage.join(args.out or args.root, 'report.md')))
   print(f'wrote report.md, report.png, report_paired.png, report.json to {args.out or args.root}')
   return 0
 

@@ -13,6 +13,8 @@ checkpoint. ROOT/sweep.json records the plan (arms, overrides, commands); it dep
 file, so a second run rewrites it unchanged and launches only what is still unfinished. With --parallel=1 the arms
 run one after another with their output on the terminal; with --parallel=K, K at a time, each arm's output appended
 to ROOT/<name>/launch.log. Exit status: non-zero when any launched arm failed.
+ROOT may be a bucket (gs://BUCKET/prefix, through immiscible_jax/storage.py): done.json and sweep.json are read and
+written there (--parallel > 1 needs a local ROOT).
 """
 import argparse
 import concurrent.futures
@@ -22,8 +24,7 @@ import os
 import re
 import sys
 
-from etils import epath
-
+from immiscible_jax import storage
 from launch import common
 from launch import local
 from launch import multiprocess
@@ -77,8 +78,8 @@ def target_steps(base_config, overrides, extra_args):
 
 def finished_step(workdir):
   """The step in WORKDIR/done.json, or None when the run has not completed."""
-  path = epath.Path(workdir) / 'done.json'
-  return json.loads(path.read_text())['step'] if path.exists() else None
+  path = storage.join(workdir, 'done.json')
+  return json.loads(storage.read_text(path))['step'] if storage.exists(path) else None
 
 
 def expand(sweep_path, root, extra_args=()):
@@ -87,7 +88,7 @@ def expand(sweep_path, root, extra_args=()):
   base = load_config(config_spec)
   plan = []
   for name, overrides in arms:
-    workdir = os.path.join(root, name)
+    workdir = storage.join(root, name)
     trainer_args = [f'--config={config_spec}', f'--workdir={workdir}', '--mode=train',
                     *common.override_flags(overrides), *extra_args]
     plan.append(dict(name=name, overrides=overrides, workdir=workdir, trainer_args=trainer_args,
@@ -107,8 +108,8 @@ def _run_arm(runner, args, arm, parallel):
   try:
     if parallel == 1:
       return runner.execute(args, arm['trainer_args'])
-    os.makedirs(arm['workdir'], exist_ok=True)
-    with open(os.path.join(arm['workdir'], 'launch.log'), 'a') as log:
+    storage.makedirs(arm['workdir'])  # --parallel > 1 needs a local root (_parse): the log is appended to
+    with storage.open(storage.join(arm['workdir'], 'launch.log'), 'a') as log:
       return runner.execute(args, arm['trainer_args'], log)
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {e}'
@@ -170,9 +171,8 @@ def main(argv=None):
       state = 'finished, would skip' if step is not None and step >= arm['num_steps'] else 'would launch'
       print(f'# {arm["name"]}: {state}\n' + '\n'.join(entry['commands']))
     return 0
-  root = epath.Path(args.root)
-  root.mkdir(parents=True, exist_ok=True)
-  (root / 'sweep.json').write_text(json.dumps(record, indent=2) + '\n')
+  storage.makedirs(args.root)
+  storage.write_text(storage.join(args.root, 'sweep.json'), json.dumps(record, indent=2) + '\n', atomic=True)
   status = run_sweep(runner, args, plan, args.parallel)
   for name, st in status.items():
     finished = 'finished' if st['finished'] else 'not finished'
