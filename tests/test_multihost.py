@@ -2,8 +2,8 @@
 
 What only several processes can break: every process must end with the same parameters, the 'global' noise
 assignment must solve one problem over all processes' devices, the checkpoint that process 0 writes must
-restore in every process (state and each process's own data-iterator position), and only process 0 may write
-metrics. The processes are started by launch.multiprocess (its environment, output prefixes and failure
+restore in every process (state and each process's own data-iterator position), only process 0 may write
+metrics, and parallel.mode='shard_map' (global arrays built from each process's rows) must train as 'pmap' does. The processes are started by launch.multiprocess (its environment, output prefixes and failure
 handling) and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
 
   python tests/test_multihost.py WORKDIR OUT_DIR     (with the launcher's environment)
@@ -62,6 +62,9 @@ def drive(workdir, out_dir):
 
   config = _config()
   final = train.train_and_evaluate(config, workdir)
+  sharded = config.copy_and_resolve_references()
+  sharded.parallel.mode = 'shard_map'
+  final_shard_map = train.train_and_evaluate(sharded, os.path.join(out_dir, 'shard_map'))
   # Restore: the state written by process 0 alone, and this process's own iterator position.
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), final)
@@ -89,7 +92,8 @@ def drive(workdir, out_dir):
            process_count=jax.process_count(), device_count=jax.device_count(), checkpoint_step=checkpoint_step,
            assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
            next_batch=next(data_iter)['image'], uninterrupted_next_batch=next(uninterrupted)['image'],
-           **_named_leaves('final', final), **_named_leaves('restored', restored))
+           **_named_leaves('final', final), **_named_leaves('restored', restored),
+           **_named_leaves('shard_map', final_shard_map))
 
 
 @pytest.fixture(scope='module')
@@ -133,6 +137,17 @@ def test_processes_end_with_identical_trained_parameters(run):
   # The EMA started at the initial parameters and lags: unequal means the parameters moved.
   params = [k for k in final0 if k.startswith('.params')]
   assert any(not np.array_equal(final0[k], final0['.ema_params' + k[len('.params'):]]) for k in params)
+
+
+def test_shard_map_mode_trains_as_pmap_mode(run):
+  """Same parameters as the pmap run to float32 rounding (two XLA programs; tests/test_train.py: SAME_STEPS),
+  and bitwise the same in both processes."""
+  _, (first, second), _ = run
+  pmap0, shard0, shard1 = _prefixed(first, 'final'), _prefixed(first, 'shard_map'), _prefixed(second, 'shard_map')
+  assert shard0.keys() == pmap0.keys() and int(shard0['.step']) == NUM_STEPS
+  for name in pmap0:
+    np.testing.assert_allclose(shard0[name], pmap0[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(shard0[name], shard1[name], err_msg=name)
 
 
 def test_global_assignment_is_the_optimal_permutation_of_the_global_batch(run):
