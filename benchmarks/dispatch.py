@@ -45,7 +45,9 @@ def worker(args):
       config.parallel.mode, config.training.steps_per_dispatch = mode, k
       layout = replicas.create_layout(mode)
       fn = train.make_train_steps(model, optimizer, config.copy_and_resolve_references(), layout)
-      host = {'image': rng.uniform(-1, 1, (k, b_host, *data.image_shape(config.data))).astype(np.float32)}
+      first_row = jax.process_index() * b_host  # process p holds contiguous rows of the global batch
+      host = {'image': rng.uniform(-1, 1, (k, b_host, *data.image_shape(config.data))).astype(np.float32),
+              'example_id': np.tile(np.arange(first_row, first_row + b_host, dtype=np.int32), (k, 1))}
       d_state = layout.put_state(state)
       t0 = time.perf_counter()
       d_state, metrics = fn(d_state, layout.put_batches(host))

@@ -121,6 +121,13 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
+def make_p_train_step(model, optimizer, config, devices=None):
+  """One step per call under jax.pmap, fed replicas.shard_batch batches (benchmarks/train_step.py); the loop
+  uses make_train_steps."""
+  step = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+
+
 def train_steps(state, batches, **step_args):
   """training.steps_per_dispatch = k steps in one compiled call: a lax.scan of train_step over batches
   ({name: [k, B_dev, ...]}); returns the state after the k steps and every step's metrics ({name: [k]})."""
