@@ -58,7 +58,9 @@ class PmapLayout:
   """parallel.mode='pmap': stacked copies of the state, per-device shards of the batch."""
 
   def __init__(self, devices=None):
-    self.devices = devices or jax.local_devices()
+    # None: pmap's own default, every device of every process. An explicit list (one process, tests) must not be
+    # the local devices of a multi-process run: pmap would then map, and pmean, over this process alone.
+    self.devices = devices
 
   def compile(self, step_fn):
     """step_fn(state, batches) on one device's part -> the mapped function; the state is donated."""
@@ -69,8 +71,9 @@ class PmapLayout:
 
   def put_batches(self, batches):
     """Host {name: [k, B_host, ...]} -> {name: [local devices, k, B_dev, ...]}."""
+    n = len(self.devices) if self.devices else jax.local_device_count()
     rows_first = jax.tree_util.tree_map(lambda x: np.moveaxis(x, 1, 0), batches)       # [B_host, k, ...]
-    shards = shard_batch(rows_first, len(self.devices))                                 # [devices, B_dev, k, ...]
+    shards = shard_batch(rows_first, n)                                                 # [devices, B_dev, k, ...]
     return jax.tree_util.tree_map(lambda x: np.moveaxis(x, 1, 2), shards)
 
   first = staticmethod(first_replica)
