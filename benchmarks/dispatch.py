@@ -82,6 +82,7 @@ def main():
   parser.add_argument('--ks', default='1,4', help='training.steps_per_dispatch values')
   parser.add_argument('--steps', type=int, default=40, help='train steps per timed repeat')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--layouts', default='1x8,2x4', help='processes x devices to measure')
   parser.add_argument('--json', default='')
   parser.add_argument('--worker', action='store_true', help='(internal) time in this process')
   args = parser.parse_args()
@@ -92,13 +93,15 @@ def main():
   argv = [sys.executable, os.path.abspath(__file__), '--worker', f'--modes={args.modes}', f'--ks={args.ks}',
           f'--steps={args.steps}', f'--repeats={args.repeats}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  single = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-  rows = _rows(single.stdout)
-  log = io.StringIO()
-  statuses = multiprocess.run_processes(multiprocess.process_commands(argv, 2, multiprocess.free_port(), 4), log)
-  if statuses != [0, 0]:
-    sys.exit(f'2-process run failed: {statuses}\n{log.getvalue()[-4000:]}')
-  rows += _rows(log.getvalue())
+  rows = []
+  if '1x8' in args.layouts:
+    rows += _rows(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
+  if '2x4' in args.layouts:
+    log = io.StringIO()
+    statuses = multiprocess.run_processes(multiprocess.process_commands(argv, 2, multiprocess.free_port(), 4), log)
+    if statuses != [0, 0]:
+      sys.exit(f'2-process run failed: {statuses}\n{log.getvalue()[-4000:]}')
+    rows += _rows(log.getvalue())
   cpus = os.cpu_count()
   print(f'\nconfigs/tiny.py, batch 16, assignment none, {platform.processor() or platform.machine()}, {cpus} cores')
   print('| processes x devices | mode | steps/dispatch | ms per step | vs pmap, same layout and k |')
