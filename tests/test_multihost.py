@@ -4,7 +4,8 @@ What only several processes can break: every process must end with the same para
 assignment must solve one problem over all processes' devices, the checkpoint that process 0 writes must
 restore in every process (state and each process's own data-iterator position), only process 0 may write
 metrics, and parallel.mode='shard_map' (global arrays built from each process's rows) must train as 'pmap'
-does. The processes are started by launch.multiprocess (its environment, output prefixes and failure handling) and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
+does. The processes are started by launch.multiprocess (its environment, output prefixes and failure handling)
+and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
 
   python tests/test_multihost.py WORKDIR OUT_DIR     (with the launcher's environment)
 """
