@@ -108,8 +108,15 @@ def get_config():
   training.p_std = 2.0
   # EMA decay per step, in [0, 1), of the parameters used for sampling and evaluation.
   training.ema_rate = 0.999
-  # Write the averaged training scalars every this many steps (int > 0).
+  # Write the averaged training scalars every this many steps (int > 0; a multiple of steps_per_dispatch).
   training.log_every_steps = 50
+  # Train steps per compiled call (int > 0; a lax.scan over that many batches): fewer host dispatches when they
+  # show in the step time. num_steps and every interval (log, eval, checkpoint) must be multiples of it.
+  training.steps_per_dispatch = 1
+  # Gradient accumulation (int > 0): each step's batch is noised and assigned as a whole (the large-batch
+  # coupling), then its gradients are averaged over this many micro-batches; batch_size must divide by
+  # devices * grad_accum_steps.
+  training.grad_accum_steps = 1
 
   config.assignment = assignment = ml_collections.ConfigDict()
   # 'none' (vanilla), 'jv' (exact, in-graph, fastest on CPU), 'auction' (near-exact, in-graph, fewest loop
@@ -169,7 +176,8 @@ def get_config():
   optim.grad_clip = 1.0
 
   config.eval = eval_config = ml_collections.ConfigDict()
-  # Evaluate during training every this many steps and after the last one (int >= 0; 0 = never).
+  # Evaluate during training every this many steps and after the last one (int >= 0; 0 = never; a multiple of
+  # training.steps_per_dispatch).
   eval_config.every_steps = 0
   # Samples per evaluation (int >= 2): one-step samples from the EMA parameters during training; samples with
   # sampling.sigmas in --mode=eval.
@@ -198,8 +206,14 @@ def get_config():
   # evaluator during training uses one fixed stream derived from it.
   sampling.seed = 1
 
+  config.parallel = parallel = ml_collections.ConfigDict()
+  # How the step is mapped over the devices: 'pmap' (jax.pmap, stacked state copies) or 'shard_map' (jax.jit +
+  # jax.shard_map over a one-axis Mesh, state replicated by sharding). Same per-device step and results.
+  parallel.mode = 'pmap'
+
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
-  # Save a checkpoint every this many steps (int > 0); also at the end and on preemption.
+  # Save a checkpoint every this many steps (int > 0; a multiple of training.steps_per_dispatch); also at the
+  # end and on preemption.
   checkpoint.every_steps = 500
   # Keep at most this many checkpoints, the newest (int > 0).
   checkpoint.max_to_keep = 3

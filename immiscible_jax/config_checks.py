@@ -15,6 +15,7 @@ from immiscible_jax import data
 from immiscible_jax import errors
 from immiscible_jax import evaluation
 from immiscible_jax import models
+from immiscible_jax import replicas
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
 
@@ -98,6 +99,23 @@ def _check_training(config):
   devices = jax.device_count()
   _require(t.batch_size % devices == 0, 'training.batch_size',
            f'{t.batch_size} must be divisible by the number of devices ({devices})')
+  _require(t.grad_accum_steps > 0, 'training.grad_accum_steps', f'must be positive, got {t.grad_accum_steps!r}')
+  _require(t.batch_size % (devices * t.grad_accum_steps) == 0, 'training.grad_accum_steps',
+           f'training.batch_size ({t.batch_size}) must divide into {devices} devices x {t.grad_accum_steps} '
+           'equal micro-batches')
+
+
+def _check_dispatch(config):
+  """parallel.mode, and intervals that fall on dispatch boundaries (training.steps_per_dispatch)."""
+  mode, k = config.parallel.mode, config.training.steps_per_dispatch
+  _require(mode in replicas.MODES, 'parallel.mode', f'got {mode!r}', errors.allowed_values(replicas.MODES))
+  _require(k > 0, 'training.steps_per_dispatch', f'must be positive, got {k!r}')
+  intervals = {'training.num_steps': config.training.num_steps,
+               'training.log_every_steps': config.training.log_every_steps,
+               'eval.every_steps': config.eval.every_steps, 'checkpoint.every_steps': config.checkpoint.every_steps}
+  off = {key: value for key, value in intervals.items() if value % k}
+  _require(not off, ', '.join(off), f'must be multiples of training.steps_per_dispatch ({k}), got '
+           f'{", ".join(str(v) for v in off.values())}')
 
 
 def _check_optim_sampling_checkpoint(config):
@@ -124,6 +142,7 @@ def validate(config):
   _check_keys_and_types(config)
   _check_training(config)
   _check_optim_sampling_checkpoint(config)
+  _check_dispatch(config)
   data.validate_config(config.data)
   models.validate_config(config.model, config.data.image_size)
   assignment.validate_config(config.assignment)

@@ -58,7 +58,7 @@ def frechet_to_reference(config, extractor, reference, images_uint8):
 class TrainingEvaluator:
   """The evaluator the training loop runs (main.py builds it; train.train_and_evaluate calls it).
 
-  Called with (replicated train state, step): draws eval.num_samples one-step samples from the EMA parameters
+  Called with (host train state, step): draws eval.num_samples one-step samples from the EMA parameters
   and returns {metric name: value}. Building it computes (or loads the cached) reference statistics.
   """
 
@@ -69,12 +69,13 @@ class TrainingEvaluator:
     self._extractor = evaluation.create_extractor(config.eval)
     self._reference = _reference_stats(config, self._extractor)
 
-  def __call__(self, p_state, step):
+  def __call__(self, state, step):
     cfg = self._config
     key = jax.random.fold_in(jax.random.key(cfg.sampling.seed), 10_000_019)  # same noise at every eval
     start, count = evaluation.process_share(cfg.eval.num_samples)
-    images = sampling.generate(self._sampler, p_state.ema_params, key, count, data.image_shape(cfg.data),
-                               cfg.eval.batch_size, start_index=start)
+    params = flax.jax_utils.replicate(state.ema_params)
+    images = sampling.generate(self._sampler, params, key, count, data.image_shape(cfg.data), cfg.eval.batch_size,
+                               start_index=start)
     value = frechet_to_reference(cfg, self._extractor, self._reference, sampling.to_uint8(images))
     return {metric_name(cfg.eval): value}
 

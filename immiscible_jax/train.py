@@ -1,4 +1,5 @@
-"""Consistency training: the pmapped train step, and the loop that logs, evaluates and checkpoints.
+"""Consistency training: the per-device train step, k of them per compiled call, and the loop that logs,
+evaluates and checkpoints.
 
 The batch's path through `train_step`, top to bottom, one call site per idea:
   images -> noise (one stream per global example) -> assignment (permute the noise to the images, or pick per
@@ -8,7 +9,9 @@ The batch's path through `train_step`, top to bottom, one call site per idea:
 Randomness: step key = fold_in(key(seed), step); noise and noise levels are drawn per *global example index*
 (batch['example_id'], from the input pipeline), so a run does not depend on how the global batch is split over
 processes and devices (only dropout and KNN's extra candidates are drawn per device).
-The state and its factories are in train_state.py; the evaluator is built by the caller (main.py) and passed in.
+The step runs under either parallel.mode (replicas.py: jax.pmap, or jax.jit + jax.shard_map over a Mesh) with
+the same per-device view, so both modes compute the same thing. The state and its factories are in
+train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
 import functools
 import json
@@ -26,6 +29,7 @@ from immiscible_jax import checkpointing
 from immiscible_jax import config_checks
 from immiscible_jax import consistency
 from immiscible_jax import data
+from immiscible_jax import errors
 from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import preemption
@@ -41,8 +45,31 @@ def draw_noise(key, example_ids, image_shape):
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape))(example_ids)
 
 
+def accumulated_value_and_grad(loss_fn, params, batch, key, num_micro):
+  """(mean loss, mean gradient) of loss_fn(params, micro_batch, key) over `num_micro` equal micro-batches of
+  `batch` (a pytree of [B, ...] arrays), scanned so that one micro-batch's activations are live at a time.
+
+  The loss is a mean over examples, so the mean over equal micro-batches is the whole batch's loss and gradient
+  (up to float32 summation order). Micro-batch i gets fold_in(key, i) (its own dropout mask); num_micro = 1 is
+  one plain value_and_grad on the whole batch with `key`.
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+  if num_micro == 1:
+    return grad_fn(params, batch, key)
+  micro = jax.tree_util.tree_map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+
+  def add_micro(total, inputs):
+    i, micro_batch = inputs
+    return jax.tree_util.tree_map(jnp.add, total, grad_fn(params, micro_batch, jax.random.fold_in(key, i))), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(add_micro, zeros, (jnp.arange(num_micro), micro))
+  return jax.tree_util.tree_map(lambda x: x / num_micro, total)
+
+
 def train_step(state, batch, *, apply_fn, optimizer, config):
-  """One consistency-training step on this device's shard; runs under jax.pmap(axis_name='batch')."""
+  """One consistency-training step on this device's shard; runs mapped over the device axis 'batch' (either
+  layout of replicas.py)."""
   tcfg = config.training
   images = batch['image']                                             # [B_dev, H, W, C] in [-1, 1]
   example_ids = batch['example_id']                                   # [B_dev] index in the global batch
@@ -60,14 +87,16 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
                                    num_scales, tcfg, tcfg.recipe)
 
   # 3. Loss and gradients. CT's target is the EMA theta^-; iCT's is theta itself, which consistency_loss
-  #    stops the gradient of. One dropout key for both branches, so they share the dropout mask.
-  def loss_fn(params):
+  #    stops the gradient of. One dropout key for both branches, so they share the dropout mask. With
+  #    training.grad_accum_steps > 1 the noise above was drawn and assigned over the whole batch at once;
+  #    only the gradients are taken micro-batch by micro-batch.
+  def loss_fn(params, micro, key):
     target = state.target_params if tcfg.recipe == 'ct' else params
-    loss, _ = consistency.consistency_loss(apply_fn, params, target, images, noise, pairs, tcfg,
-                                           jax.random.fold_in(dropout_key, device))
+    loss, _ = consistency.consistency_loss(apply_fn, params, target, *micro, tcfg, key)
     return loss
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  loss, grads = accumulated_value_and_grad(loss_fn, state.params, (images, noise, pairs),
+                                           jax.random.fold_in(dropout_key, device), tcfg.grad_accum_steps)
   grads = jax.lax.pmean(grads, AXIS)
 
   # 4. Optimizer step, then the EMA for sampling and (CT) the target: theta^- <- mu theta^- + (1 - mu) theta.
@@ -94,8 +123,28 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
 
 
 def make_p_train_step(model, optimizer, config, devices=None):
+  """One step per call under jax.pmap, fed replicas.shard_batch batches (benchmarks/train_step.py); the loop
+  uses make_train_steps."""
   step = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+
+
+def train_steps(state, batches, **step_args):
+  """training.steps_per_dispatch = k steps in one compiled call: a lax.scan of train_step over batches
+  ({name: [k, B_dev, ...]}); returns the state after the k steps and every step's metrics ({name: [k]})."""
+  return jax.lax.scan(functools.partial(train_step, **step_args), state, batches)
+
+
+def make_train_steps(model, optimizer, config, layout):
+  """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
+  (device state, metrics); the state is donated."""
+  return layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer, config=config))
+
+
+def stack_batches(data_iter, k):
+  """The iterator's next k host batches, stacked on a new leading axis: {name: [k, B_host, ...]}."""
+  batches = [next(data_iter) for _ in range(k)]
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
 
 
 def summarize(per_step, lr):
@@ -137,53 +186,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                        allow_schedule_change=False):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
-  evaluator: (replicated state, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
+  evaluator: (host TrainState, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
   and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
-  stop_at_step: leave (with a checkpoint) after this step, as if preempted there; the schedules still
-  follow training.num_steps. allow_schedule_change: resume even if a key of
+  stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
+  schedules still follow training.num_steps. allow_schedule_change: resume even if a key of
   config_checks.RESUME_SCHEDULE changed (e.g. a raised training.num_steps). Returns the final host TrainState.
+
+  Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
+  k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
+  dispatch boundaries exactly as with k = 1. The preemption flag is checked after each dispatch (several
+  processes agree every 10 dispatches), so a signal stops the run at most k (10 k) steps later, with a
+  checkpoint of the step reached. The NaN guard sees every step's metrics (all k are returned) at each log and
+  names the window of steps it found them in; nothing of that window is saved. At a step that both saves and
+  evaluates, the save is finished before the evaluator runs, so an evaluator that crashes (or is killed for its
+  memory) cannot lose that checkpoint.
   """
   config_checks.validate(config)
-  tcfg = config.training
+  tcfg, k = config.training, config.training.steps_per_dispatch
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
   lr_fn = train_state.learning_rate_schedule(config.optim)
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
   state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
-  data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed, start_step=int(state.step))
+  step = int(state.step)
+  if step % k:
+    raise errors.ConfigError(f'training.steps_per_dispatch: the run resumes at step {step}, which is not a '
+                             f'multiple of {k}; resume with a value that divides {step}')
+  data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed, start_step=step)
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
-  p_state = replicas.replicate(state)
-  p_step = make_p_train_step(model, optimizer, config)
+  layout = replicas.create_layout(config.parallel.mode)
+  d_state = layout.put_state(state)
+  train_fn = make_train_steps(model, optimizer, config, layout)
   flag = preemption.install()
   meta = {'config': config.to_dict()}
   every_eval = config.eval.every_steps
-  pending, t0, step = [], time.time(), int(state.step)
+  pending, t0 = [], time.time()
   try:
     while step < tcfg.num_steps:
-      p_state, metrics = p_step(p_state, replicas.shard_batch(next(data_iter)))
-      pending.append(jax.tree_util.tree_map(replicas.first_replica, metrics))  # on the device until the log
-      step += 1
+      d_state, metrics = train_fn(d_state, layout.put_batches(stack_batches(data_iter, k)))
+      pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
+      step += k
       last = step == tcfg.num_steps
-      preempted = flag.should_stop(step) or step == stop_at_step
+      preempted = flag.should_stop(step // k) or (stop_at_step is not None and step >= stop_at_step)
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
+      evaluate_now = evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0))
       if step % tcfg.log_every_steps == 0 or save_now:
         scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
-        scalars['perf/images_per_sec'] = len(pending) * tcfg.batch_size / (time.time() - t0)
+        scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / (time.time() - t0)
         writer.write(step, scalars)
-        first, pending, t0 = step - len(pending) + 1, [], time.time()  # first: the window's first step
+        first, pending, t0 = step - len(pending) * k + 1, [], time.time()  # first: the window's first step
         if not all(np.isfinite(v) for v in scalars.values()):
           raise NonFiniteError(
               f'non-finite loss or gradients between steps {first} and {step} '
               f'(metrics written to metrics.jsonl); the last checkpoint, step {manager.latest_step()}, is '
               'untouched.')
-      if evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0)):
-        writer.write(step, evaluator(p_state, step))
-        t0 = time.time()
+      host = None
       if save_now:
         manager.check_for_errors()  # a failed background save must stop the run, not pass unnoticed
-        checkpointing.save(manager, step, replicas.host_state(p_state), meta)
+        host = layout.host(d_state)
+        checkpointing.save(manager, step, host, meta)
+      if evaluate_now:
+        manager.wait_until_finished()  # this step's checkpoint is on disk before the evaluator can fail
+        writer.write(step, evaluator(host if host is not None else layout.host(d_state), step))
+        t0 = time.time()
       if preempted:
         manager.wait_until_finished()
         writer.log(f'preempted: saved step {step} to {manager.directory}; exiting')
@@ -194,4 +261,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     flag.uninstall()
   if step == tcfg.num_steps:
     _write_json(workdir, 'done.json', json.dumps({'step': step}))
-  return replicas.host_state(p_state)
+  return layout.host(d_state)

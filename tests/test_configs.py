@@ -63,6 +63,12 @@ def _digits():
     ('data.dataset', 'imagenet', 'data.dataset'),
     ('model.ch_mult', (1, 2, 2, 2, 2), 'model.ch_mult'),
     ('checkpoint.every_steps', 0, 'checkpoint.every_steps: must be positive, got 0'),
+    ('parallel.mode', 'xmap', "parallel.mode: got 'xmap'; allowed: 'pmap', 'shard_map'"),
+    # digits: 1200 steps, log every 100, eval and checkpoint every 400: only the log interval is off.
+    ('training.steps_per_dispatch', 8,
+     'training.log_every_steps: must be multiples of training.steps_per_dispatch (8), got 100'),
+    ('training.grad_accum_steps', 3,
+     'training.grad_accum_steps: training.batch_size (64) must divide into 8 devices x 3 equal micro-batches'),
 ])
 def test_bad_values_name_their_key(key, value, message):
   config = _digits()

@@ -5,8 +5,10 @@ parameters one process with all 8 devices reaches on the same global batches (no
 assignment are functions of the global example index); the 'global' noise assignment must solve one problem over
 all processes' devices; the checkpoint that process 0 writes must restore in every process, and when one process
 cannot read the newest step, all must restore the same earlier one; the evaluation split over processes must
-give the one-process metric; only process 0 may write metrics. The processes are started by launch.multiprocess (its environment, output prefixes and failure
-handling) and set up by the trainer's own main._maybe_initialize_distributed; each runs this file as its driver:
+give the one-process metric; only process 0 may write metrics; parallel.mode='shard_map' (global arrays built
+from each process's rows) must train as 'pmap' does. The processes are started by launch.multiprocess (its
+environment, output prefixes and failure handling) and set up by the trainer's own
+main._maybe_initialize_distributed; each runs this file as its driver:
 
   python tests/test_multihost.py WORKDIR OUT_DIR     (with the launcher's environment)
 """
@@ -66,6 +68,10 @@ def drive(workdir, out_dir):
 
   config = _config()
   final = train.train_and_evaluate(config, workdir, evaluator=evaluators.TrainingEvaluator(config))
+  sharded = config.copy_and_resolve_references()
+  sharded.parallel.mode = 'shard_map'
+  sharded.eval.every_steps = 0
+  final_shard_map = train.train_and_evaluate(sharded, os.path.join(out_dir, 'shard_map'))
   # Restore: the state written by process 0 alone.
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), final)
@@ -102,7 +108,8 @@ def drive(workdir, out_dir):
            assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
            fallback_step=fallback_step, fallback_messages=np.array(fallback_messages),
            example_id=batch['example_id'],
-           **_named_leaves('final', final), **_named_leaves('restored', restored))
+           **_named_leaves('final', final), **_named_leaves('restored', restored),
+           **_named_leaves('shard_map', final_shard_map))
 
 
 @pytest.fixture(scope='module')
@@ -168,6 +175,17 @@ def test_each_process_holds_its_block_of_the_global_batch(run):
   per_process = _config().training.batch_size // NUM_PROCESSES
   for i, result in enumerate(results):
     np.testing.assert_array_equal(result['example_id'], np.arange(i * per_process, (i + 1) * per_process))
+
+
+def test_shard_map_mode_trains_as_pmap_mode(run):
+  """Same parameters as the pmap run to float32 rounding (two XLA programs; tests/test_train.py: SAME_STEPS),
+  and bitwise the same in both processes."""
+  _, (first, second), _ = run
+  pmap0, shard0, shard1 = _prefixed(first, 'final'), _prefixed(first, 'shard_map'), _prefixed(second, 'shard_map')
+  assert shard0.keys() == pmap0.keys() and int(shard0['.step']) == NUM_STEPS
+  for name in pmap0:
+    np.testing.assert_allclose(shard0[name], pmap0[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(shard0[name], shard1[name], err_msg=name)
 
 
 def test_global_assignment_is_the_optimal_permutation_of_the_global_batch(run):

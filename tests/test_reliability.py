@@ -25,7 +25,6 @@ from immiscible_jax import checkpointing
 from immiscible_jax import errors
 from immiscible_jax import models
 from immiscible_jax import preemption
-from immiscible_jax import replicas
 from immiscible_jax import train
 from immiscible_jax import train_state
 
@@ -262,14 +261,14 @@ def test_nan_loss_stops_with_the_step_window_and_leaves_checkpoints_intact(refer
   workdir = str(tmp_path / 'run')
   # The batch of the update from step 9 to 10 is all NaN, so that step's loss and gradients are; steps 9-10 are
   # one logging window (every 2 steps).
-  fed, shard_batch = [], replicas.shard_batch
+  fed, stack_batches = [], train.stack_batches
 
-  def nan_batch_at_step_9(batch):
+  def nan_batch_at_step_9(data_iter, k):
+    batch = stack_batches(data_iter, k)
     fed.append(batch)
-    batch = shard_batch(batch)
     return {**batch, 'image': np.full_like(batch['image'], np.nan)} if len(fed) == 10 else batch
 
-  monkeypatch.setattr(replicas, 'shard_batch', nan_batch_at_step_9)
+  monkeypatch.setattr(train, 'stack_batches', nan_batch_at_step_9)
   with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradients between steps 9 and 10 '
                                                  r'.*the last checkpoint, step 8, is untouched'):
     train.train_and_evaluate(_config(), workdir)
