@@ -189,19 +189,17 @@ def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_
 
 
 def test_bfloat16_compute_learns_like_float32(trained_run, tmp_path):
-  """The same run as `trained_run` with model.dtype='bfloat16' (activations and convolutions in bfloat16; parameters,
-  optimizer, head and loss in float32): its pixel FD at the same steps stays within a margin of float32's. Margin:
-  the larger of 30% and 1.0 FD. Two float32 runs that differ only in seed land about that far apart at step 300 on
-  this tiny model, so a bfloat16 run inside it learns as float32 does; one that fails to learn stays near the
-  untrained model's FD, several times higher."""
+  """The run of `trained_run` with model.dtype='bfloat16' (activations and convolutions in bfloat16; parameters,
+  optimizer, head and loss in float32), stopped at its first evaluation (step 150) to halve the cost: its pixel FD
+  there is within 10% of float32's. Measured once: 8.150 vs 8.156 at step 150 (and 6.157 vs 6.065 at 300), so 10%
+  leaves room for bfloat16's rounding sending the run down another path, while a run that learned less (float32's
+  own FD still falls by a quarter from step 150 to 300) or not at all lands outside it."""
   config, _, rows, _ = trained_run
   config = config.copy_and_resolve_references()
   config.model.dtype = 'bfloat16'
-  train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config))
+  train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config), stop_at_step=150)
   fd = lambda rs: {r['step']: r['eval/fd_pixels'] for r in rs if 'eval/fd_pixels' in r}
   bf16 = fd(json.loads(line) for line in open(tmp_path / 'metrics.jsonl'))
   f32 = fd(rows)
-  assert sorted(bf16) == sorted(f32) == [150, 300]
-  for step in (150, 300):
-    assert bf16[step] <= max(1.3 * f32[step], f32[step] + 1.0), (step, bf16, f32)
-  assert bf16[300] < 0.5 * bf16[150] or bf16[300] < 2.0, bf16  # it kept learning
+  assert list(bf16) == [150] and 150 in f32
+  assert abs(bf16[150] - f32[150]) <= 0.1 * f32[150], (bf16, f32)
