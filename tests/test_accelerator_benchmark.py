@@ -18,7 +18,7 @@ def _module():
 def test_smoke_run_writes_every_section_and_a_spent_budget_skips_with_reasons(tmp_path):
   bench = _module()
   path = tmp_path / 'smoke.json'
-  bench.main(['--smoke', f'--json={path}'])
+  bench.main(['--smoke', '--budget_s=3600', f'--json={path}'])  # ample: every smoke case runs
   result = json.loads(path.read_text())
   assert result['smoke'] and result['backend'] == 'cpu' and result['device_count'] == 8
   assert 'cpu' in result['device']
