@@ -73,6 +73,9 @@ def get_config():
   model.fir_kernel = (1, 3, 3, 1)
   # Input pyramid summed into each down-sampled level: 'residual' (NCSN++ CIFAR-10) or 'none'.
   model.progressive_input = 'none'
+  # Compute dtype of the network body: 'float32' or 'bfloat16' (activations, convolutions and matmuls; parameters,
+  # optimizer state, GroupNorm statistics, the noise embedding, the output head and the loss stay float32).
+  model.dtype = 'float32'
 
   config.training = training = ml_collections.ConfigDict()
   # Training recipe: 'ct' (Song et al. 2023: EMA target, uniform noise levels) or 'ict' (Song & Dhariwal 2023:

@@ -81,11 +81,14 @@ def denoise(apply_fn, params, x, sigma, sigma_min, sigma_data, train=False, drop
   """The consistency function f_theta(x, sigma) = c_skip x + c_out F_theta(c_in x, 0.25 log sigma).
 
   x: [B, H, W, C]; sigma: [B]. apply_fn(variables, x, c_noise, train=..., rngs=...) is the network.
+  The combination is float32 even when the network body computes in bfloat16 (model.dtype): at small sigma
+  c_skip ~ 1 and f is x plus a small correction, which bfloat16 (8 mantissa bits) would round away, and the
+  consistency loss compares two such f at nearby sigma.
   """
   c_skip, c_out, c_in = (c[:, None, None, None] for c in scalings(sigma, sigma_min, sigma_data))
   rngs = {'dropout': dropout_key} if train else {}
   out = apply_fn({'params': params}, c_in * x, 0.25 * jnp.log(sigma), train=train, rngs=rngs)
-  return c_skip * x + c_out * out
+  return c_skip * x + c_out * out.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- distances and losses
@@ -139,6 +142,8 @@ def sample_pairs(keys, num_scales, cfg, recipe):
 def consistency_loss(apply_fn, params, target_params, images, noise, pairs, cfg, dropout_key):
   """Consistency-training loss (CT eq. 10 / iCT eq. 5) on one batch; both inputs share the same noise.
 
+  Everything here is float32 whatever model.dtype is: the loss is a difference of two network outputs at nearby
+  sigma, smaller than bfloat16's rounding of either output.
   Returns (mean loss, per-example distances [B]). target_params is the CT EMA target or, for iCT,
   stop_gradient(params) — the caller decides; gradients never flow into it.
   """

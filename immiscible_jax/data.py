@@ -1,9 +1,10 @@
-"""Input pipeline: images in [-1, 1] from digits, CIFAR-10 (tfds) or an image folder, through grain.
+"""Input pipeline: uint8 images from digits, CIFAR-10 (tfds) or an image folder, through grain.
 
 Sources (config key `data.dataset`):
   digits   scikit-learn's bundled 8x8 digits (1797 images, values 0..16 scaled to 0..255), 1 channel, no
            download. There is no held-out split: 'train' and 'test' both give all 1797 images.
-  cifar10  `tfds.data_source('cifar10')`: prepared array_record files read without TensorFlow.
+  cifar10  `tfds.data_source('cifar10')`: prepared array_record files read without TensorFlow, decoded into
+           memory once when the iterator is built (150 MB for the training split), not at every read.
   folder   PNG/JPEG files in a folder or .tar.gz (see image_folder.py), decoded once and cached.
 
 `data.image_size` may be smaller than the stored images (digits 8, CIFAR-10 32, a folder's own size) when it
@@ -14,6 +15,8 @@ Training batches: a grain dataset over step numbers whose element n is global ba
 (seed, n) (see _GlobalBatches): endless, reshuffled every epoch, optional random horizontal flips. Each process
 computes only its own contiguous rows of it, tagged with their global example index. So a run's batches do not
 depend on the process layout or on data.num_workers, and resuming at step k starts the stream at batch k.
+Batches stay uint8 up to the device (a quarter of float32's bytes over PCIe or to a TPU host); the train step
+scales them to [-1, 1] itself (train.to_unit_range).
 """
 import os
 
@@ -141,7 +144,12 @@ def _source(data_config, split, max_images=None):
   if dataset == 'digits':
     return _Images(area_downsample(_digits(), size), f'digits:{split}')
   if dataset == 'cifar10':
-    return _Images(_tfds_source(data_config, split), f'cifar10:{split}', key='image', size=size)
+    records = _tfds_source(data_config, split)
+    count = len(records) if max_images is None else min(max_images, len(records))
+    # Decoded once (tfds decodes a PNG at every read); one record at a time: tfds' mock source (tests) has no
+    # working batched read.
+    images = np.stack([np.asarray(records[i]['image'], dtype=np.uint8) for i in range(count)])
+    return _Images(area_downsample(images, size), f'cifar10:{split}')
   images = image_folder.load(data_config.path, split, data_config.channels, max_images, image_size=size)
   check_downsampling(size, images.shape[1], f'data.path={data_config.path!r}')
   images = area_downsample(images, size)
@@ -182,7 +190,7 @@ class _GlobalBatches:
     if self._flip:
       mirror = np.random.default_rng((self._seed, 1, n)).random(self._batch)[self._rows] < 0.5
       images[mirror] = images[mirror, :, ::-1]
-    return {'image': images.astype(np.float32) / 127.5 - 1.0, 'example_id': self._rows.astype(np.int32)}
+    return {'image': images, 'example_id': self._rows.astype(np.int32)}  # uint8: scaled on the device
 
   def __repr__(self):
     return f'_GlobalBatches({self._source!r}, batch={self._batch}, seed={self._seed}, flip={self._flip})'
@@ -192,7 +200,7 @@ def create_train_iterator(data_config, global_batch_size, seed, process_index=No
                           start_step=0):
   """Endless iterator of this process's part of each global batch, from global batch `start_step` on.
 
-  Yields {'image': float32 [global_batch_size // process_count, H, W, C] in [-1, 1], 'example_id': int32 [same]}.
+  Yields {'image': uint8 [global_batch_size // process_count, H, W, C], 'example_id': int32 [same]}.
   Batch n depends only on (data, seed, n, global_batch_size): not on the process count, nor on data.num_workers
   (grain worker processes compute whole batches and return them in order). So resuming at step k needs no
   iterator state: start at k. Process defaults come from jax.process_index()/count().

@@ -74,7 +74,10 @@ class PmapLayout:
     n = len(self.devices) if self.devices else jax.local_device_count()
     rows_first = jax.tree_util.tree_map(lambda x: np.moveaxis(x, 1, 0), batches)       # [B_host, k, ...]
     shards = shard_batch(rows_first, n)                                                 # [devices, B_dev, k, ...]
-    return jax.tree_util.tree_map(lambda x: np.moveaxis(x, 1, 2), shards)
+    # Copied now, laid out as pmap reads its input (so the step neither waits for nor repeats the copy).
+    devices = self.devices or jax.local_devices()
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), P(AXIS))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(np.moveaxis(x, 1, 2), sharding), shards)
 
   first = staticmethod(first_replica)
   host = staticmethod(host_state)

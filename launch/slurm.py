@@ -1,10 +1,14 @@
-r"""Submits the trainer to a SLURM GPU cluster: an sbatch script with one task per host, run by srun.
+r"""Submits the trainer to a SLURM GPU cluster: an sbatch script with one task per GPU, run by srun.
 
   python -m launch.slurm --nodes=2 --gpus_per_node=8 --time=24:00:00 [--partition=P] [--account=A] [--dry_run] \
       -- --config=configs/cifar10_ct.py --workdir=/shared/runs/ct
 
 The script sets IMMISCIBLE_JAX_DISTRIBUTED=1; jax.distributed.initialize() reads the coordinator, process count and
-process id from SLURM's variables, and each task drives all GPUs of its host. It is written to --script (default
+process id from SLURM's variables and binds each process to the one GPU numbered SLURM_LOCALID (local_device_ids =
+[SLURM_LOCALID]). So the job runs one task per GPU (--ntasks-per-node = --gpus-per-node = --gpus_per_node): with
+one task per node, JAX would bind that task to GPU 0 alone and leave the node's other GPUs idle (jax #16788). Every
+task sees all GPUs of its node (--gpus-per-node, not --gpus-per-task, which hides the GPU that SLURM_LOCALID
+names). With --gpus_per_node=0 (a CPU cluster) it runs one task per node. It is written to --script (default
 WORKDIR/slurm.sbatch) and submitted with `sbatch --parsable`; the job id goes to WORKDIR/slurm_job_id, and the job's
 output to WORKDIR/slurm-<job id>.out. The cluster's filesystem must be shared (the repository and the workdir).
 --dry_run prints the script and the sbatch line instead.
@@ -22,12 +26,13 @@ JOB_ID_FILE = 'slurm_job_id'
 def sbatch_script(trainer_args, *, nodes, gpus_per_node, time, partition='', account='', job_name='immiscible_jax',
                   repo_dir='.', python='.venv/bin/python', output='slurm-%j.out', cpus_per_task=0, env=None):
   """The sbatch script's text: resources as #SBATCH lines, then one `srun` of the trainer on every node."""
+  # One JAX process per GPU (see the module docstring), or one per node without GPUs.
   lines = ['#!/bin/bash',
            f'#SBATCH --job-name={job_name}',
            f'#SBATCH --nodes={nodes}',
-           '#SBATCH --ntasks-per-node=1']  # one JAX process per host; it drives all of the host's GPUs
+           f'#SBATCH --ntasks-per-node={gpus_per_node or 1}']
   if gpus_per_node:
-    lines.append(f'#SBATCH --gres=gpu:{gpus_per_node}')
+    lines.append(f'#SBATCH --gpus-per-node={gpus_per_node}')
   if cpus_per_task:
     lines.append(f'#SBATCH --cpus-per-task={cpus_per_task}')
   lines.append(f'#SBATCH --time={time}')
@@ -58,9 +63,10 @@ def script_for(args, trainer_args):
 
 
 def add_flags(parser):
-  parser.add_argument('--nodes', type=int, default=1, help='hosts (one task each)')
-  parser.add_argument('--gpus_per_node', type=int, default=8, help='GPUs per host (--gres=gpu:N; 0 omits it)')
-  parser.add_argument('--cpus_per_task', type=int, default=0, help='CPUs per task (0 omits it)')
+  parser.add_argument('--nodes', type=int, default=1, help='hosts')
+  parser.add_argument('--gpus_per_node', type=int, default=8,
+                      help='GPUs per host: one task each (--gpus-per-node=N; 0: no GPUs, one task per host)')
+  parser.add_argument('--cpus_per_task', type=int, default=0, help='CPUs per task, i.e. per GPU (0 omits it)')
   parser.add_argument('--time', default='24:00:00', help='wall-clock limit, HH:MM:SS')
   parser.add_argument('--partition', default='', help='SLURM partition (omitted when empty)')
   parser.add_argument('--account', default='', help='SLURM account (omitted when empty)')

@@ -30,7 +30,10 @@ def _config(**overrides):
 
 
 def _take(iterator, n):
-  return [next(iterator)['image'] for _ in range(n)]
+  """n batches; the pipeline yields uint8 (scaled on the device by the step), returned here in [-1, 1]."""
+  batches = [next(iterator)['image'] for _ in range(n)]
+  assert all(b.dtype == np.uint8 for b in batches)
+  return [_unit(b) for b in batches]
 
 
 def _rows(images):
@@ -56,8 +59,7 @@ def test_digits_batches_shape_range_and_determinism():
   batches = _take(data.create_train_iterator(config, 16, seed=0, process_index=0, process_count=1), 3)
   assert data.image_shape(config) == (8, 8, 1)
   for b in batches:
-    assert b.shape == (16, 8, 8, 1) and b.dtype == np.float32
-    assert b.min() >= -1 and b.max() <= 1
+    assert b.shape == (16, 8, 8, 1)
   assert not np.array_equal(batches[0], batches[1])
   # Every image is one of the digits, scaled 0..16 -> 0..255 -> [-1, 1].
   assert set(_rows(np.concatenate(batches))) <= set(_rows(_digits_in_range()))
@@ -91,7 +93,7 @@ def test_process_shards_are_contiguous_blocks_of_the_global_batch(image_dir):
     np.testing.assert_array_equal(np.concatenate([a['image'], b['image']]), whole[step]['image'])
     np.testing.assert_array_equal(a['example_id'], [0, 1, 2])
     np.testing.assert_array_equal(b['example_id'], [3, 4, 5])
-    flipped += len(set(_rows(whole[step]['image'])) - set(_rows(_unit(_expected_train()))))
+    flipped += len(set(_rows(whole[step]['image'])) - set(_rows(_expected_train())))
   assert flipped > 0  # Flips happened, and were the same in both layouts.
   with pytest.raises(ValueError, match='divide'):
     data.create_train_iterator(config, 5, seed=0, process_index=0, process_count=2)
@@ -113,7 +115,7 @@ def test_stream_is_a_function_of_the_step_alone():
   for batch, again in zip(stream, _batches(_config(num_workers=2), 599, seed=0, count=8)):
     np.testing.assert_array_equal(again['image'], batch['image'])
   # Every epoch is a permutation of the data set, a different one each time.
-  epochs = [np.concatenate([b['image'] for b in stream[3 * e:3 * e + 3]]) for e in range(2)]
+  epochs = [_unit(np.concatenate([b['image'] for b in stream[3 * e:3 * e + 3]])) for e in range(2)]
   assert _rows(epochs[0]) == _rows(epochs[1]) == _rows(_digits_in_range())
   assert not np.array_equal(epochs[0], epochs[1])
 
@@ -136,7 +138,7 @@ def test_cifar10_from_tfds_mock_with_flips():
       iterator = data.create_train_iterator(_cifar10(random_flip=flip), 8, seed=0, process_index=0,
                                             process_count=1)
       for b in _take(iterator, 3):
-        assert b.shape == (8, 32, 32, 3) and b.dtype == np.float32 and -1 <= b.min() and b.max() <= 1
+        assert b.shape == (8, 32, 32, 3)
         seen[flip] |= set(_rows(b))
     loaded = data.load_images(_cifar10(), max_images=5)
   assert seen[False] <= originals
@@ -200,7 +202,7 @@ def test_folder_and_archive_load_identically(image_dir, image_archive):
   np.testing.assert_array_equal(data.load_images(_folder(image_archive), max_images=3), from_dir[:3])
   batch = next(data.create_train_iterator(_folder(image_archive), 4, seed=0, process_index=0,
                                           process_count=1))['image']
-  assert batch.shape == (4, 4, 4, 3) and set(_rows(batch)) <= set(_rows(_unit(_expected_train())))
+  assert batch.shape == (4, 4, 4, 3) and set(_rows(batch)) <= set(_rows(_expected_train()))
 
 
 def test_folder_cache_is_written_and_invalidated(image_dir, tmp_path):
@@ -299,7 +301,7 @@ def test_downsampled_digits_folder_and_tfds_match_block_means(image_dir, image_a
     np.testing.assert_array_equal(data.load_images(_cifar10(image_size=16), max_images=6), _block_means(records, 16))
     batch = next(data.create_train_iterator(_cifar10(image_size=8), 6, seed=0, process_index=0, process_count=1))
   assert batch['image'].shape == (6, 8, 8, 3)
-  assert _rows(batch['image']) == _rows(_unit(_block_means(records, 8)))  # one epoch: every image once
+  assert _rows(batch['image']) == _rows(_block_means(records, 8))  # one epoch: every image once
 
 
 def test_downsampling_that_does_not_divide_is_a_named_error(image_dir):
@@ -336,3 +338,22 @@ def test_real_cifar10_archive_downsampled():
 def test_validate_config_names_the_key(overrides, match):
   with pytest.raises(ValueError, match=match):
     data.validate_config(_config(**overrides))
+
+
+def test_device_prefetch_reads_ahead_and_shards_for_pmap():
+  from immiscible_jax import prefetch  # pylint: disable=g-import-not-at-top
+  new = lambda: data.create_train_iterator(_config(), 16, seed=0, process_index=0, process_count=1)
+  expected = [next(it) for it in [new()] for _ in range(4)]
+  put = []
+  batches = prefetch.DevicePrefetcher(new(), put=lambda b: put.append(b) or b, depth=2)
+  first = next(batches)
+  assert len(put) == 3  # the batch returned and the two behind it are already on their way to the devices
+  for got, want in zip([first, next(batches), next(batches)], expected):
+    np.testing.assert_array_equal(got['image'], want['image'])
+  # The default put lays a batch out as pmap reads it: [devices, B / devices, ...], one shard per local device,
+  # the images still uint8 (scaled on the device) and each row with its global example index.
+  on_device = next(prefetch.DevicePrefetcher(new()))
+  assert on_device['image'].shape == (8, 2, 8, 8, 1) and on_device['image'].dtype == np.uint8
+  assert len(on_device['image'].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(on_device['image']).reshape(16, 8, 8, 1), expected[0]['image'])
+  np.testing.assert_array_equal(np.asarray(on_device['example_id']), np.arange(16).reshape(8, 2))

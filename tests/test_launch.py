@@ -119,20 +119,52 @@ def test_tpu_pod_dry_run_prints_and_runs_nothing(capsys, monkeypatch):
   assert capsys.readouterr().out.startswith('gcloud compute tpus tpu-vm ssh t --zone=z --worker=all --command ')
 
 
-def test_slurm_script_runs_one_task_per_host():
+def test_slurm_script_runs_one_task_per_gpu():
   script = slurm.sbatch_script(TRAINER_ARGS, nodes=4, gpus_per_node=8, time='12:00:00', partition='gpu',
                                account='acct', job_name='a', repo_dir='/shared/repo', output='/runs/a/slurm-%j.out',
                                env={'TFDS_DATA_DIR': '/data'})
   lines = script.splitlines()
   assert lines[0] == '#!/bin/bash'
-  for line in ('#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1', '#SBATCH --gres=gpu:8', '#SBATCH --time=12:00:00',
+  assert not any('gpus-per-task' in line or '--gres' in line for line in lines)
+  for line in ('#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=8', '#SBATCH --gpus-per-node=8', '#SBATCH --time=12:00:00',
                '#SBATCH --partition=gpu', '#SBATCH --account=acct', '#SBATCH --job-name=a',
                '#SBATCH --output=/runs/a/slurm-%j.out', 'cd /shared/repo', 'export IMMISCIBLE_JAX_DISTRIBUTED=1',
                'export TFDS_DATA_DIR=/data'):
     assert line in lines
   assert shlex.split(lines[-1]) == ['srun', '.venv/bin/python', '-m', 'immiscible_jax.main', *TRAINER_ARGS]
   bare = slurm.sbatch_script(TRAINER_ARGS, nodes=1, gpus_per_node=0, time='1:00:00')
-  assert '--partition' not in bare and '--account' not in bare and '--gres' not in bare
+  assert '--partition' not in bare and '--account' not in bare and '--gpus' not in bare
+  assert '#SBATCH --ntasks-per-node=1' in bare.splitlines()  # no GPUs: one task per node
+
+
+def _sbatch_value(script, name):
+  (value,) = [line.split('=', 1)[1] for line in script.splitlines() if line.startswith(f'#SBATCH --{name}=')]
+  return int(value)
+
+
+def test_slurm_tasks_make_every_gpu_of_every_node_a_device(monkeypatch):
+  """What jax.distributed.initialize() derives from the variables SLURM sets for each task of the script: every
+  (node, GPU) pair is one process's device, with one coordinator and consistent process ids. SLURM's variables are
+  written here from the script's #SBATCH lines the way srun sets them (block distribution of tasks over nodes)."""
+  from jax._src.clusters import cluster  # pylint: disable=g-import-not-at-top  # JAX's own SLURM detection
+  script = slurm.sbatch_script(TRAINER_ARGS, nodes=3, gpus_per_node=4, time='1:00:00')
+  nodes, per_node, gpus = (_sbatch_value(script, k) for k in ('nodes', 'ntasks-per-node', 'gpus-per-node'))
+  for key in list(os.environ):
+    if key.startswith(('SLURM_', 'OMPI_', 'PMI_', 'TPU_', 'CLOUD_TPU', 'JAX_')):
+      monkeypatch.delenv(key)
+  bound, coordinators = set(), set()
+  for task in range(nodes * per_node):
+    for key, value in {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': f'gpu[001-{nodes:03d}]',
+                       'SLURM_NTASKS': str(nodes * per_node), 'SLURM_PROCID': str(task),
+                       'SLURM_LOCALID': str(task % per_node), 'SLURM_STEP_NUM_NODES': str(nodes)}.items():
+      monkeypatch.setenv(key, value)
+    address, count, process_id, local_ids = cluster.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, None)
+    assert (count, process_id) == (nodes * per_node, task)
+    coordinators.add(address)
+    bound |= {(task // per_node, gpu) for gpu in local_ids}
+  assert coordinators == {'gpu001:' + str(4242 % 2 ** 12 + 65535 - 2 ** 12 + 1)}
+  assert bound == {(node, gpu) for node in range(nodes) for gpu in range(gpus)}  # 12 GPUs, each once
 
 
 def test_slurm_dry_run_prints_the_script_and_does_not_submit(capsys, monkeypatch, tmp_path):

@@ -259,20 +259,20 @@ def test_schedule_changes_need_the_switch_and_harmless_changes_resume(reference,
 
 def test_nan_loss_stops_with_the_step_window_and_leaves_checkpoints_intact(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
-  # The batch of the update from step 9 to 10 is all NaN, so that step's loss and gradients are; steps 9-10 are
-  # one logging window (every 2 steps).
+  # The batch of the update from step 9 to 10 is all NaN (float32: uint8 has no NaN), so that step's loss and
+  # gradients are; steps 9-10 are one logging window (every 2 steps).
   fed, stack_batches = [], train.stack_batches
 
   def nan_batch_at_step_9(data_iter, k):
     batch = stack_batches(data_iter, k)
     fed.append(batch)
-    return {**batch, 'image': np.full_like(batch['image'], np.nan)} if len(fed) == 10 else batch
+    return {**batch, 'image': np.full(batch['image'].shape, np.nan, np.float32)} if len(fed) == 10 else batch
 
   monkeypatch.setattr(train, 'stack_batches', nan_batch_at_step_9)
   with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradients between steps 9 and 10 '
                                                  r'.*the last checkpoint, step 8, is untouched'):
     train.train_and_evaluate(_config(), workdir)
-  assert len(fed) == 10  # It stopped at the first log after the NaN.
+  assert len(fed) == 11  # It stopped at the first log after the NaN (batch 11 was already prefetched).
   assert _steps(workdir) == [4, 8]  # Nothing at or after the NaN.
   _assert_identical(workdir, reference, 8)
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]

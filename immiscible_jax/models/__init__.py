@@ -7,6 +7,7 @@
 Errors are errors.ConfigError that name the offending key (model.<key>) and what it may be.
 """
 import flax.linen as nn
+import jax.numpy as jnp
 
 from immiscible_jax import errors
 from immiscible_jax.models.ncsnpp import NCSNpp
@@ -15,6 +16,8 @@ MODEL_NAMES = ('ncsnpp',)
 EMBEDDING_TYPES = ('fourier', 'positional')
 RESBLOCK_TYPES = ('biggan', 'ddpm')
 PROGRESSIVE_INPUTS = ('none', 'residual')
+# model.dtype -> the compute dtype of the network body (parameters stay float32; see ncsnpp.py).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Keys of the `model` section passed straight to NCSNpp.
 _MODULE_KEYS = ('nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'dropout', 'embedding_type',
@@ -88,6 +91,8 @@ def _check_architecture(cfg):
   progressive_input = _get(cfg, 'progressive_input')
   _check(progressive_input in PROGRESSIVE_INPUTS, 'progressive_input',
          f'got {progressive_input!r}; allowed: {PROGRESSIVE_INPUTS}.')
+  dtype = _get(cfg, 'dtype')
+  _check(dtype in DTYPES, 'dtype', f'got {dtype!r}; allowed: {tuple(DTYPES)}.')
   for key in ('skip_rescale', 'resamp_with_conv', 'fir'):
     _check(isinstance(_get(cfg, key), bool), key, f'must be True or False, got {cfg[key]!r}.')
   init_scale = _get(cfg, 'init_scale')
@@ -121,4 +126,4 @@ def create_model(model_config, channels: int) -> nn.Module:
   kwargs = {key: model_config[key] for key in _MODULE_KEYS}
   for key in ('ch_mult', 'attn_resolutions', 'fir_kernel'):
     kwargs[key] = tuple(kwargs[key])  # hashable module fields
-  return NCSNpp(channels=channels, **kwargs)
+  return NCSNpp(channels=channels, dtype=DTYPES[model_config.dtype], **kwargs)

@@ -4,9 +4,15 @@ Noise-level embeddings, the DDPM-style initialiser, FIR (StyleGAN2-style) resamp
 self-attention and the two residual blocks (BigGAN-style with resampling inside, and DDPM-style).
 All tensors are NHWC. Everything here was written from the papers' descriptions and the anchor's
 architecture, not copied.
+
+Compute dtype: every module takes `dtype`, the dtype of its activations and of its convolution / matmul inputs
+(flax's `dtype`); parameters always stay float32 (`param_dtype`), so the optimizer and the EMA see float32.
+GroupNorm computes its mean and variance in float32 whatever `dtype` is (flax's force_float32_reductions): a
+variance from bfloat16 sums of H*W*C/groups terms loses most of its digits. Attention's softmax runs in float32
+(its logits are a sum over C products; exp of a bfloat16 logit is off by up to 2^-8 of its size).
 """
 import functools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,17 +33,17 @@ def default_init(scale: float = 1.0):
   return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
 
 
-def conv3x3(features: int, init_scale: float = 1.0, **kwargs) -> nn.Conv:
-  return nn.Conv(features, (3, 3), kernel_init=default_init(init_scale), **kwargs)
+def conv3x3(features: int, init_scale: float = 1.0, dtype=jnp.float32, **kwargs) -> nn.Conv:
+  return nn.Conv(features, (3, 3), kernel_init=default_init(init_scale), dtype=dtype, **kwargs)
 
 
-def conv1x1(features: int, init_scale: float = 1.0) -> nn.Conv:
-  return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale))
+def conv1x1(features: int, init_scale: float = 1.0, dtype=jnp.float32) -> nn.Conv:
+  return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), dtype=dtype)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-  """GroupNorm with min(C // 4, 32) groups, as in NCSN++."""
-  return nn.GroupNorm(num_groups=min(channels // 4, 32))
+def group_norm(channels: int, dtype=jnp.float32) -> nn.GroupNorm:
+  """GroupNorm with min(C // 4, 32) groups, as in NCSN++; statistics in float32, output in `dtype`."""
+  return nn.GroupNorm(num_groups=min(channels // 4, 32), dtype=dtype, force_float32_reductions=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +125,7 @@ class Downsample(nn.Module):
   with_conv: bool = True
   fir: bool = True
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -129,9 +136,9 @@ class Downsample(nn.Module):
       p = (len(self.fir_kernel) - 2) + (3 - 1)
       pad = ((p + 1) // 2, p // 2)
       x = _depthwise_fir(x, self.fir_kernel, 1.0, (pad, pad))
-      return conv3x3(features, strides=(2, 2), padding='VALID')(x)
+      return conv3x3(features, strides=(2, 2), padding='VALID', dtype=self.dtype)(x)
     if self.with_conv:
-      return conv3x3(features, strides=(2, 2))(x)
+      return conv3x3(features, strides=(2, 2), dtype=self.dtype)(x)
     return fir_downsample(x, self.fir_kernel) if self.fir else naive_downsample(x)
 
 
@@ -141,11 +148,12 @@ class Upsample(nn.Module):
   with_conv: bool = True
   fir: bool = True
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     x = fir_upsample(x, self.fir_kernel) if self.fir else naive_upsample(x)
-    return conv3x3(self.features or x.shape[-1])(x) if self.with_conv else x
+    return conv3x3(self.features or x.shape[-1], dtype=self.dtype)(x) if self.with_conv else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,21 +164,26 @@ class AttentionBlock(nn.Module):
   """DDPM self-attention over all H*W positions, one head, residual; output projection init_scale."""
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm(c)(x).reshape(b, h * w, 1, c)
+    y = group_norm(c, self.dtype)(x).reshape(b, h * w, 1, c)
     # q, k, v use DDPM's small init (scale 0.1); attention scales logits by 1/sqrt(c).
-    q, k, v = (nn.Dense(c, kernel_init=default_init(0.1), name=n)(y) for n in ('query', 'key', 'value'))
-    y = nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
-    y = nn.Dense(c, kernel_init=default_init(self.init_scale), name='out')(y)
+    q, k, v = (nn.Dense(c, kernel_init=default_init(0.1), dtype=self.dtype, name=n)(y)
+               for n in ('query', 'key', 'value'))
+    y = nn.dot_product_attention(q, k, v, dtype=self.dtype, force_fp32_for_softmax=True).reshape(b, h, w, c)
+    y = nn.Dense(c, kernel_init=default_init(self.init_scale), dtype=self.dtype, name='out')(y)
     return (x + y) * _SQRT_HALF if self.skip_rescale else x + y
 
 
-def _condition(h, temb, features: int):
-  """Adds a per-channel bias projected from the noise embedding: h [B,H,W,F] + Dense(swish(temb))."""
-  bias = nn.Dense(features, kernel_init=default_init())(nn.swish(temb))
+def _condition(h, temb, features: int, dtype):
+  """Adds a per-channel bias projected from the noise embedding: h [B,H,W,F] + Dense(swish(temb)).
+
+  temb arrives in float32; the projection computes in `dtype` (the embedding itself stays float32).
+  """
+  bias = nn.Dense(features, kernel_init=default_init(), dtype=dtype)(nn.swish(temb))
   return h + bias[:, None, None, :]
 
 
@@ -184,23 +197,24 @@ class ResnetBlockBigGAN(nn.Module):
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
     features = self.features or x.shape[-1]
-    h = nn.swish(group_norm(x.shape[-1])(x))
+    h = nn.swish(group_norm(x.shape[-1], self.dtype)(x))
     if self.up or self.down:
       if self.up:
         resample = functools.partial(fir_upsample, taps=self.fir_kernel) if self.fir else naive_upsample
       else:
         resample = functools.partial(fir_downsample, taps=self.fir_kernel) if self.fir else naive_downsample
       h, x = resample(h), resample(x)
-    h = _condition(conv3x3(features)(h), temb, features)
-    h = nn.swish(group_norm(features)(h))
+    h = _condition(conv3x3(features, dtype=self.dtype)(h), temb, features, self.dtype)
+    h = nn.swish(group_norm(features, self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(features, init_scale=self.init_scale)(h)
+    h = conv3x3(features, init_scale=self.init_scale, dtype=self.dtype)(h)
     if x.shape[-1] != features or self.up or self.down:
-      x = conv1x1(features)(x)
+      x = conv1x1(features, dtype=self.dtype)(x)
     return (x + h) * _SQRT_HALF if self.skip_rescale else x + h
 
 
@@ -210,16 +224,17 @@ class ResnetBlockDDPM(nn.Module):
   dropout: float = 0.0
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
     features = self.features or x.shape[-1]
-    h = nn.swish(group_norm(x.shape[-1])(x))
-    h = _condition(conv3x3(features)(h), temb, features)
-    h = nn.swish(group_norm(features)(h))
+    h = nn.swish(group_norm(x.shape[-1], self.dtype)(x))
+    h = _condition(conv3x3(features, dtype=self.dtype)(h), temb, features, self.dtype)
+    h = nn.swish(group_norm(features, self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(features, init_scale=self.init_scale)(h)
+    h = conv3x3(features, init_scale=self.init_scale, dtype=self.dtype)(h)
     if x.shape[-1] != features:
       # DDPM's "NIN" shortcut: a 1x1 projection with the small 0.1 init.
-      x = nn.Dense(features, kernel_init=default_init(0.1))(x)
+      x = nn.Dense(features, kernel_init=default_init(0.1), dtype=self.dtype)(x)
     return (x + h) * _SQRT_HALF if self.skip_rescale else x + h

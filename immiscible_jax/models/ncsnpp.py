@@ -12,8 +12,18 @@ caller applies c_skip / c_out. Layout, top to bottom:
   -> middle: block, attention, block -> per level in reverse: num_res_blocks + 1 blocks on
   [h, skip] concatenations (+ attention), then an up-sampling block -> GroupNorm, swish, conv3x3(C).
 The final conv and the last conv of every block start at init_scale (0: exact zeros, so F = 0 at init).
+
+`dtype` (config model.dtype) is the compute dtype of the body: every block's convolutions, matmuls and
+activations. Parameters are float32 in every case. Three parts stay float32 whatever `dtype` is:
+  - the noise embedding (Fourier / sinusoidal features and its two Dense layers): sin/cos of 2 pi w c_noise with
+    |w c_noise| up to ~30 would keep only ~2 significant digits in bfloat16, and nearby sigma must map to
+    distinguishable embeddings;
+  - GroupNorm statistics (see layers.py);
+  - the output head (last GroupNorm, swish and output conv): F is what the consistency loss compares at two
+    nearby noise levels (a difference of two network outputs), so the last projection is not rounded to
+    bfloat16's 8 mantissa bits on top of the body's error. F is returned in float32.
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -40,9 +50,10 @@ class NCSNpp(nn.Module):
   fir: bool = True
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
   progressive_input: str = 'residual'
+  dtype: Any = jnp.float32
 
   def _embed(self, c_noise):
-    """c_noise [B] -> temb [B, 4 nf]."""
+    """c_noise [B] -> temb [B, 4 nf], float32 (see the module docstring)."""
     if self.embedding_type == 'fourier':
       temb = layers.GaussianFourierEmbedding(self.nf, self.fourier_scale)(c_noise)
     else:
@@ -54,22 +65,25 @@ class NCSNpp(nn.Module):
     if self.resblock_type == 'biggan':
       return layers.ResnetBlockBigGAN(
           features, up=up, down=down, dropout=self.dropout, fir=self.fir, fir_kernel=self.fir_kernel,
-          skip_rescale=self.skip_rescale, init_scale=self.init_scale)
+          skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=self.dtype)
     return layers.ResnetBlockDDPM(
-        features, dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale)
+        features, dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale,
+        dtype=self.dtype)
 
   def _attention(self):
-    return layers.AttentionBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale)
+    return layers.AttentionBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=self.dtype)
 
   def _downsample(self, h, temb, train):
     if self.resblock_type == 'biggan':
       return self._block(down=True)(h, temb, train)
-    return layers.Downsample(with_conv=self.resamp_with_conv, fir=self.fir, fir_kernel=self.fir_kernel)(h)
+    return layers.Downsample(with_conv=self.resamp_with_conv, fir=self.fir, fir_kernel=self.fir_kernel,
+                             dtype=self.dtype)(h)
 
   def _upsample(self, h, temb, train):
     if self.resblock_type == 'biggan':
       return self._block(up=True)(h, temb, train)
-    return layers.Upsample(with_conv=self.resamp_with_conv, fir=self.fir, fir_kernel=self.fir_kernel)(h)
+    return layers.Upsample(with_conv=self.resamp_with_conv, fir=self.fir, fir_kernel=self.fir_kernel,
+                           dtype=self.dtype)(h)
 
   @nn.compact
   def __call__(self, x, c_noise, train: bool = False):
@@ -81,8 +95,8 @@ class NCSNpp(nn.Module):
     num_levels = len(self.ch_mult)
 
     # Down path. `skips` keeps every tensor the up path will concatenate back in.
-    pyramid = x
-    skips = [layers.conv3x3(self.nf, name='input_conv')(x)]
+    pyramid = x.astype(self.dtype)
+    skips = [layers.conv3x3(self.nf, dtype=self.dtype, name='input_conv')(x)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = self._block(self.nf * mult)(skips[-1], temb, train)
@@ -93,8 +107,9 @@ class NCSNpp(nn.Module):
         h = self._downsample(skips[-1], temb, train)
         if self.progressive_input == 'residual':
           pyramid = layers.Downsample(h.shape[-1], with_conv=True, fir=self.fir,
-                                      fir_kernel=self.fir_kernel)(pyramid)
-          pyramid = (pyramid + h) * np.sqrt(0.5) if self.skip_rescale else pyramid + h
+                                      fir_kernel=self.fir_kernel, dtype=self.dtype)(pyramid)
+          # A Python float: a NumPy scalar would promote bfloat16 activations to float32.
+          pyramid = (pyramid + h) * float(np.sqrt(0.5)) if self.skip_rescale else pyramid + h
           h = pyramid
         skips.append(h)
 
@@ -114,5 +129,7 @@ class NCSNpp(nn.Module):
         h = self._upsample(h, temb, train)
     assert not skips, 'every skip connection must be consumed'
 
-    h = nn.swish(layers.group_norm(h.shape[-1])(h))
-    return layers.conv3x3(self.channels, init_scale=self.init_scale, name='output_conv')(h)  # [B, H, W, C]
+    # Output head in float32 (module docstring).
+    h = nn.swish(layers.group_norm(h.shape[-1], jnp.float32)(h.astype(jnp.float32)))
+    return layers.conv3x3(self.channels, init_scale=self.init_scale, dtype=jnp.float32,
+                          name='output_conv')(h)  # [B, H, W, C] float32
