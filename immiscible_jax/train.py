@@ -212,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
   lr_fn = train_state.learning_rate_schedule(config.optim)
+  start_stream = data.train_stream(config.data, tcfg.batch_size, config.seed)  # bad data fails before compiling
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
   state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
@@ -219,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   if step % k:
     raise errors.ConfigError(f'training.steps_per_dispatch: the run resumes at step {step}, which is not a '
                              f'multiple of {k}; resume with a value that divides {step}')
-  data_iter = data.create_train_iterator(config.data, tcfg.batch_size, config.seed, start_step=step)
+  data_iter = start_stream(step)
   # The next dispatch's k batches are read and put on the devices while this one runs.
   dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   _write_json(workdir, 'config.json', config.to_json(indent=2))

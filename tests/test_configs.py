@@ -96,14 +96,19 @@ def test_resume_compatibility_lists_the_differing_keys():
   config = _digits()
   config.model.nf = 64
   config.training.recipe = 'ct'
-  config.training.num_steps = 99          # harmless: allowed to change
+  config.training.num_steps = 99          # a schedule key: refused on its own, after the experiment keys
   config.training.log_every_steps = 7     # harmless
   with pytest.raises(errors.ConfigError) as err:
     config_checks.check_resume_compatible(saved.to_dict(), config)
   assert 'model.nf (saved 32, now 64)' in str(err.value)
   assert 'training.recipe' in str(err.value) and 'num_steps' not in str(err.value)
+  longer = _digits()
+  longer.training.num_steps, longer.training.log_every_steps = 99, 7
+  with pytest.raises(errors.ConfigError, match=r'training\.num_steps \(saved \d+, now 99\).*--allow_schedule'):
+    config_checks.check_resume_compatible(saved.to_dict(), longer)
+  config_checks.check_resume_compatible(saved.to_dict(), longer, allow_schedule_change=True)
   harmless = _digits()
-  harmless.training.num_steps = 99
+  harmless.training.log_every_steps = 7
   config_checks.check_resume_compatible(saved.to_dict(), harmless)
 
 
