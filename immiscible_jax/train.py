@@ -220,12 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   if step % k:
     raise errors.ConfigError(f'training.steps_per_dispatch: the run resumes at step {step}, which is not a '
                              f'multiple of {k}; resume with a value that divides {step}')
-  data_iter = start_stream(step)
-  # The next dispatch's k batches are read and put on the devices while this one runs.
-  dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
   layout = replicas.create_layout(config.parallel.mode)
+  data_iter = start_stream(step)
+  # The next dispatch's k batches are read and put on the devices while this one runs.
+  dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   d_state = layout.put_state(state)
   train_fn = make_train_steps(model, optimizer, config, layout)
   flag = preemption.install()
