@@ -243,15 +243,16 @@ def test_config_drift_is_refused_with_the_differing_keys(reference, tmp_path):
 def test_schedule_changes_need_the_switch_and_harmless_changes_resume(reference, tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
-  longer = _config(**{'training.num_steps': 13, 'training.log_every_steps': 1})
-  # A longer run moves N(k) under the saved run: refused, naming the key and the switch.
-  with pytest.raises(errors.ConfigError, match=r'training\.num_steps \(saved 12, now 13\).*--allow_schedule_change'):
-    train.train_and_evaluate(longer, workdir)
+  # The saved run was configured for 1000 steps (and left at 12); ending it at 13 instead moves N(k) under it:
+  # refused, naming the key and the switch.
+  ends_at_13 = _config(**{'training.num_steps': 13, 'training.log_every_steps': 1})
+  with pytest.raises(errors.ConfigError, match=r'training\.num_steps \(saved 1000, now 13\).*--allow_schedule_change'):
+    train.train_and_evaluate(ends_at_13, workdir)
   with pytest.raises(errors.ConfigError, match=r'training\.s1 \(saved'):
     train.train_and_evaluate(_config(**{'training.s1': 2 * _config().training.s1}), workdir)
   assert _steps(workdir) == [4, 8, 12]
   capsys.readouterr()
-  final = train.train_and_evaluate(longer, workdir, allow_schedule_change=True)  # the documented way to extend
+  final = train.train_and_evaluate(ends_at_13, workdir, allow_schedule_change=True)  # the documented switch
   assert f'resumed from step 12 in {workdir}' in capsys.readouterr().out
   assert int(final.step) == 13 and _steps(workdir) == [4, 8, 12, 13]
   assert json.loads(open(os.path.join(workdir, 'done.json')).read()) == {'step': 13}
