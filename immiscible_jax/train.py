@@ -119,8 +119,8 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   # 5. Metrics, averaged over the devices.
   metrics = {
       'train/loss': loss,
-      'train/grad_norm': optax.global_norm(grads),
-      'train/update_norm': optax.global_norm(updates),
+      'train/grad_norm': optax.tree.norm(grads),
+      'train/update_norm': optax.tree.norm(updates),
       'train/num_scales': num_scales.astype(jnp.float32),
       'assignment/distance_before': info.distance_before,
       'assignment/distance_after': info.distance_after,
