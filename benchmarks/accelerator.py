@@ -14,8 +14,9 @@ Sections, in this order (each within its share of the budget, unspent time passi
   inception  Inception-v3 pool3 features/s (uint8 32x32 -> 299x299), batch 256 (benchmarks/inception.py).
 A case that would start after its section's time is spent is skipped and listed with the reason, so the command
 always finishes and says what it did not measure. The JSON names the device, jax version and the budget used.
---smoke: configs/tiny.py, per-device batch 2, 3 train cases, B = 16 for none and auction, 8 samples a device, no
-Inception: it checks that the command runs end to end and writes its JSON (the numbers mean nothing).
+--smoke: configs/tiny.py, per-device batch 2, 2 train cases (bfloat16: none; auction, global), B = 16 for none
+and auction, 8 samples a device, no Inception: it checks that the command runs end to end and writes its JSON
+(the numbers mean nothing).
 """
 import argparse
 import json
@@ -46,10 +47,10 @@ METHODS = ('auction', 'jv', 'knn')
 
 def plan(smoke):
   """The sizes of every section: full for an accelerator, tiny for --smoke."""
-  if smoke:  # three train compiles, two assignment methods, no Inception (its compile alone is ~a minute on CPU)
-    return dict(config='configs/tiny.py', per_device_batches=(2,), dtypes=('bfloat16', 'float32'),
+  if smoke:  # two train compiles, two assignment methods, no Inception (its compile alone is ~a minute on CPU)
+    return dict(config='configs/tiny.py', per_device_batches=(2,), dtypes=('bfloat16',),
                 methods=('auction',), steps=2, repeats=1, assignment_batches=(16,), assignment_methods='none,auction',
-                sample_batch=8, inception_batch=0, min_seconds=0.0, max_train_cases=3)
+                sample_batch=8, inception_batch=0, min_seconds=0.0, max_train_cases=2)
   return dict(config='configs/cifar10_ct.py', per_device_batches=(128, 64), dtypes=('bfloat16', 'float32'),
               methods=METHODS, steps=5, repeats=3, assignment_batches=(256, 512, 1024, 2048, 4096),
               assignment_methods='none,auction,jv,knn', sample_batch=256, inception_batch=256, min_seconds=3.0,

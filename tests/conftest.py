@@ -1,4 +1,11 @@
-"""Test set-up: 8 forced CPU devices (so pmap and collectives run) and a persistent compile cache."""
+"""Test set-up: 8 forced CPU devices (so pmap and collectives run).
+
+No persistent compilation cache unless JAX_COMPILATION_CACHE_DIR is set (JAX reads it; subprocesses inherit it):
+writing executables to it segfaulted once in a full run (in XLA's executable serialisation, jax 0.10.2 on CPU),
+and a cold cache, as CI has, was not measurably faster (two loaded full runs reached the same test
+at the same time). For repeated local runs:
+  JAX_COMPILATION_CACHE_DIR=.cache/jax_compilation make test
+"""
 import os
 import warnings
 
@@ -6,9 +13,4 @@ import warnings
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-
-_CACHE = os.path.join(os.path.dirname(__file__), os.pardir, ".cache", "jax_compilation")
-jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 warnings.filterwarnings("ignore", message=".*JAXopt is no longer maintained.*")

@@ -67,8 +67,7 @@ def _start(workdir, block_commit_at=None):
   block_commit_at, the same through _BLOCKED_COMMIT_MAIN."""
   flags = [f'--config.{k}={v}' for k, v in _OVERRIDES.items()]
   full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
-              'JAX_COMPILATION_CACHE_DIR': os.path.join(_ROOT, '.cache', 'jax_compilation'),
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1'}
+              'PYTHONUNBUFFERED': '1'}
   program = ['-m', 'immiscible_jax.main'] if block_commit_at is None else ['-c', _BLOCKED_COMMIT_MAIN,
                                                                           str(block_commit_at)]
   proc = subprocess.Popen([sys.executable, *program, '--config=configs/tiny.py', f'--workdir={workdir}', *flags],

@@ -94,8 +94,7 @@ def _start(cwd, args, program=('-m', 'immiscible_jax.main'), env=None, config=Tr
   """The trainer's command line (on configs/tiny.py unless not `config`) in a subprocess whose working directory
   is `cwd` (the emulator env inherited)."""
   full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
-              'JAX_COMPILATION_CACHE_DIR': os.path.join(_ROOT, '.cache', 'jax_compilation'),
-              'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5', 'PYTHONUNBUFFERED': '1', 'PYTHONPATH': _ROOT,
+              'PYTHONUNBUFFERED': '1', 'PYTHONPATH': _ROOT,
               **(env or {})}
   config_flag = [f'--config={_ROOT}/configs/tiny.py'] if config else []
   return subprocess.Popen([sys.executable, *program, *config_flag, *args], cwd=cwd,

@@ -75,15 +75,15 @@ def _run(tmp_path, name, **overrides):
 
 def test_paired_arms_share_initial_parameters_and_base_noise(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  # The same images with the same base noise give the same distance before assignment at every step.
+  # The same images with the same base noise give the same distance before assignment at every step (and the
+  # distance is not a constant: it changes from step to step with the batch and the noise).
   none = _run(tmp_path, 'none', **{'assignment.method': 'none', 'seed': 3})
   exact = _run(tmp_path, 'exact', **{'assignment.method': 'jv', 'seed': 3})
-  reseeded = _run(tmp_path, 'reseeded', **{'assignment.method': 'jv', 'seed': 4})
-  for a, b, c in zip(none, exact, reseeded):
-    assert a['step'] == b['step']
+  assert [a['step'] for a in none] == [b['step'] for b in exact] == [1, 2]
+  for a, b in zip(none, exact):
     assert a['assignment/distance_before'] == b['assignment/distance_before']
     assert b['assignment/distance_after'] < b['assignment/distance_before']
-    assert a['assignment/distance_before'] != c['assignment/distance_before']
+  assert none[0]['assignment/distance_before'] != none[1]['assignment/distance_before']
   # Initial parameters depend on the seed alone (built as train_and_evaluate builds them from scratch).
   inits = []
   for method, seed in (('none', 3), ('jv', 3), ('jv', 4)):
