@@ -1,9 +1,9 @@
 """Test set-up: 8 forced CPU devices (so pmap and collectives run).
 
 No persistent compilation cache unless JAX_COMPILATION_CACHE_DIR is set (JAX reads it; subprocesses inherit it):
-writing executables to it segfaulted once in a full run (in XLA's executable serialisation, jax 0.10.2 on CPU),
-and a cold cache, as CI has, was not measurably faster (two loaded full runs reached the same test
-at the same time). For repeated local runs:
+writing an executable to it segfaulted once in a full run (in XLA's executable serialisation, jax 0.10.2 on
+CPU), which loses the whole run. The price: a fresh-clone run takes about 28 instead of 21 minutes (README).
+For repeated local runs:
   JAX_COMPILATION_CACHE_DIR=.cache/jax_compilation make test
 """
 import os
