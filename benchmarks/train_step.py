@@ -26,7 +26,7 @@ warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from immiscible_jax import data, models, prefetch, replicas, train, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax import data, models, replicas, train, train_state  # pylint: disable=g-import-not-at-top
 
 
 def load_config(path):
@@ -49,7 +49,7 @@ class Case:
     optimizer = train_state.create_optimizer(config.optim)
     self._state = replicas.replicate(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
     self._step = train.make_p_train_step(model, optimizer, config)
-    self._batch = prefetch.put_pmap_sharded(batch)  # on the devices once, as the trainer's prefetch delivers it
+    self._batch = replicas.put_sharded(batch)  # on the devices once, as the trainer's prefetch delivers it
     t0 = time.perf_counter()
     self.rate(1)
     self.compile_s = time.perf_counter() - t0

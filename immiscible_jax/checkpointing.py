@@ -17,11 +17,11 @@ import zlib
 
 import jax
 from jax._src import distributed as jax_distributed  # the key-value store; Orbax's barriers use it too
-from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
 from immiscible_jax import errors
+from immiscible_jax import storage
 
 
 def create_manager(workdir, ckpt_config, read_only=False):
@@ -51,7 +51,7 @@ def save(manager, step, state, meta):
 def read_meta(manager, step):
   """The meta item of `step`, read as the JSON file Orbax wrote, not through Orbax: a process probing a step
   must not enter Orbax's restore, whose cross-process synchronisation would wait for the processes that skip it."""
-  return json.loads((epath.Path(manager.directory) / str(step) / 'meta' / 'metadata').read_text())
+  return json.loads(storage.read_text(storage.join(str(manager.directory), str(step), 'meta', 'metadata')))
 
 
 # How long a process waits for the others to report on a candidate step.

@@ -96,12 +96,11 @@ class MetricWriter:
       return
     storage.makedirs(workdir)
     path = storage.join(workdir, 'metrics.jsonl')
+    # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
     if storage.is_remote(path):
       old = storage.read_text(path) if storage.exists(path) else ''
-      # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
       self._jsonl = _RemoteText(path, old + ('\n' if old and not old.endswith('\n') else ''))
     else:
-      # A hard kill can leave a half-written last line: start the resumed run's rows on a line of their own.
       torn = storage.exists(path) and storage.size(path) > 0 and storage.read_bytes(path)[-1:] != b'\n'
       self._jsonl = storage.open(path, 'a')  # pylint: disable=consider-using-with
       if torn:

@@ -12,25 +12,13 @@ restored step), so batches prefetched but not consumed when a run saves or is pr
 """
 import collections
 
-import jax
-import numpy as np
-
 from immiscible_jax import replicas
-
-
-def put_pmap_sharded(batch):
-  """Host batch {key: [B_host, ...]} -> [local devices, B_host / devices, ...], laid out as pmap reads its input
-  (sharded over the 'batch' mesh axis of the local devices), so the step does not copy it again."""
-  devices = jax.local_devices()
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (replicas.AXIS,)),
-                                        jax.sharding.PartitionSpec(replicas.AXIS))
-  return jax.device_put(replicas.shard_batch(batch), sharding)
 
 
 class DevicePrefetcher:
   """Iterator over device batches, `depth` batches ahead of the consumer."""
 
-  def __init__(self, iterator, put=put_pmap_sharded, depth=1):
+  def __init__(self, iterator, put=replicas.put_sharded, depth=1):
     if depth < 0:
       raise ValueError(f'depth must be >= 0, got {depth}')
     self._iterator, self._put, self._depth = iterator, put, depth

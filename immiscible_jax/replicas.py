@@ -20,15 +20,26 @@ AXIS = 'batch'  # The device axis of every mapped function here (mesh axis name,
 MODES = ('pmap', 'shard_map')
 
 
+def pmap_sharding(devices=None):
+  """The sharding pmap gives its inputs and outputs over `devices` (default: this process's): split along the
+  leading axis, mesh axis 'batch'. Arrays put with it are neither copied again nor recompiled for by the step."""
+  return NamedSharding(jax.sharding.Mesh(np.array(devices or jax.local_devices()), (AXIS,)), P(AXIS))
+
+
 def replicate(tree, devices=None):
-  """Copies a host pytree of arrays to every local device with the sharding pmap gives its outputs (mesh
-  axis 'batch'), so feeding the first step's outputs back does not compile the step a second time."""
+  """Copies a host pytree of arrays to every local device with the sharding pmap gives its outputs, so feeding
+  the first step's outputs back does not compile the step a second time."""
   devices = devices or jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  sharding = NamedSharding(mesh, P(AXIS))
-  n = len(devices)
+  sharding, n = pmap_sharding(devices), len(devices)
   stack = lambda x: np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x)))
   return jax.tree_util.tree_map(lambda x: jax.device_put(stack(x), sharding), tree)
+
+
+def put_sharded(batch, devices=None):
+  """Host batch {key: [B_host, ...]} -> [devices, B_host / devices, ...] on the devices (default: this
+  process's), laid out as pmap reads its input."""
+  devices = devices or jax.local_devices()
+  return jax.device_put(shard_batch(batch, len(devices)), pmap_sharding(devices))
 
 
 def shard_batch(batch, num_devices=None):
@@ -75,8 +86,7 @@ class PmapLayout:
     rows_first = jax.tree_util.tree_map(lambda x: np.moveaxis(x, 1, 0), batches)       # [B_host, k, ...]
     shards = shard_batch(rows_first, n)                                                 # [devices, B_dev, k, ...]
     # Copied now, laid out as pmap reads its input (so the step neither waits for nor repeats the copy).
-    devices = self.devices or jax.local_devices()
-    sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), P(AXIS))
+    sharding = pmap_sharding(self.devices)
     return jax.tree_util.tree_map(lambda x: jax.device_put(np.moveaxis(x, 1, 2), sharding), shards)
 
   first = staticmethod(first_replica)
