@@ -30,9 +30,12 @@ fid-weights: $(STAMP)
 	@$(PY) -m immiscible_jax.convert_inception --cache_dir=$(CACHE) \
 		|| echo "fid-weights: conversion failed; Inception tests will be skipped"
 
-# -rs: a skipped test prints its reason (e.g. the GCS emulator could not start).
+# -rs: a skipped test prints its reason (e.g. the GCS emulator could not start). The suite is mostly XLA compiles,
+# one thread each: TEST_WORKERS pytest processes (pytest-xdist, whole files per worker so module fixtures run
+# once) share them out; each needs ~6 GB of memory.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(TEST_STAMP) fid-weights
-	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs tests
+	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m immiscible_jax.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=train

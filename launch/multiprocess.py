@@ -4,10 +4,12 @@
 
 Every process gets the same command and IMMISCIBLE_JAX_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT,
 JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i (main.py passes these to jax.distributed.initialize); with --cpu_devices=K
-also JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=K (this replaces any XLA_FLAGS).
+also JAX_PLATFORMS=cpu and --xla_force_host_platform_device_count=K in XLA_FLAGS (replacing any device count given
+there; the launcher's other XLA flags are kept).
 Output: every line of process i is printed to stdout prefixed with `[proc i] `. The launcher waits for all; when one
 fails it terminates the others (they would hang in a collective) and exits with the failed process's status.
 """
+import os
 import queue
 import socket
 import subprocess
@@ -18,6 +20,7 @@ from launch import common
 
 # Shown in dry runs when no --port is given: a free port is picked when the processes start.
 FREE_PORT = '<free port>'
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 def free_port():
@@ -25,6 +28,12 @@ def free_port():
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def cpu_device_flags(xla_flags, cpu_devices):
+  """`xla_flags` with its forced CPU device count (if any) replaced by `cpu_devices`."""
+  kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_COUNT_FLAG + '=')]
+  return ' '.join([*kept, f'{_DEVICE_COUNT_FLAG}={cpu_devices}'])
 
 
 def process_commands(argv, num_processes, port, cpu_devices=0):
@@ -40,7 +49,7 @@ def process_commands(argv, num_processes, port, cpu_devices=0):
         'JAX_PROCESS_ID': str(i),
     }
     if cpu_devices:
-      env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={cpu_devices}')
+      env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=cpu_device_flags(os.environ.get('XLA_FLAGS', ''), cpu_devices))
     commands.append(common.Command(list(argv), env))
   return commands
 

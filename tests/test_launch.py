@@ -43,14 +43,15 @@ def test_local_command_is_the_trainer_with_args_unchanged():
   assert shlex.split(cmd.shell()) == cmd.argv  # the printed line pastes back to the same argv
 
 
-def test_multiprocess_commands_set_the_distributed_environment():
+def test_multiprocess_commands_set_the_distributed_environment(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1')
   cmds = multiprocess.process_commands(['py', '-m', 'immiscible_jax.main', *TRAINER_ARGS], 3, 12345, cpu_devices=4)
   assert len(cmds) == 3
   for i, cmd in enumerate(cmds):
     assert cmd.argv == ['py', '-m', 'immiscible_jax.main', *TRAINER_ARGS]
     assert cmd.env == {'IMMISCIBLE_JAX_DISTRIBUTED': '1', 'JAX_COORDINATOR_ADDRESS': '127.0.0.1:12345',
                        'JAX_NUM_PROCESSES': '3', 'JAX_PROCESS_ID': str(i), 'JAX_PLATFORMS': 'cpu',
-                       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+                       'XLA_FLAGS': '--xla_backend_optimization_level=1 --xla_force_host_platform_device_count=4'}
   no_cpu = multiprocess.process_commands(['py'], 2, 1, cpu_devices=0)
   assert 'XLA_FLAGS' not in no_cpu[0].env and 'JAX_PLATFORMS' not in no_cpu[0].env
 
@@ -59,7 +60,8 @@ _PRINT_ENV = ('import os; print(" ".join(os.environ[k] for k in ("JAX_PROCESS_ID
               '"JAX_COORDINATOR_ADDRESS", "IMMISCIBLE_JAX_DISTRIBUTED", "XLA_FLAGS")))')
 
 
-def test_multiprocess_runs_n_processes_with_their_environment(tmp_path):
+def test_multiprocess_runs_n_processes_with_their_environment(tmp_path, monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
   cmds = multiprocess.process_commands([sys.executable, '-c', _PRINT_ENV], 3, 23456, cpu_devices=2)
   log = tmp_path / 'out.txt'
   with open(log, 'w') as out:

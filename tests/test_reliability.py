@@ -66,7 +66,7 @@ def _start(workdir, block_commit_at=None):
   """`python -m immiscible_jax.main` on the tiny config in a subprocess, stdout and stderr merged; with
   block_commit_at, the same through _BLOCKED_COMMIT_MAIN."""
   flags = [f'--config.{k}={v}' for k, v in _OVERRIDES.items()]
-  full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
+  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu',  # XLA_FLAGS: conftest.py's
               'PYTHONUNBUFFERED': '1'}
   program = ['-m', 'immiscible_jax.main'] if block_commit_at is None else ['-c', _BLOCKED_COMMIT_MAIN,
                                                                           str(block_commit_at)]

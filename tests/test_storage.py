@@ -93,7 +93,7 @@ def gcs(tmp_path_factory):
 def _start(cwd, args, program=('-m', 'immiscible_jax.main'), env=None, config=True):
   """The trainer's command line (on configs/tiny.py unless not `config`) in a subprocess whose working directory
   is `cwd` (the emulator env inherited)."""
-  full_env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
+  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu',  # XLA_FLAGS: conftest.py's
               'PYTHONUNBUFFERED': '1', 'PYTHONPATH': _ROOT,
               **(env or {})}
   config_flag = [f'--config={_ROOT}/configs/tiny.py'] if config else []
