@@ -97,7 +97,9 @@ def test_paired_arms_share_initial_parameters_and_base_noise(tmp_path):
   assert any(not np.array_equal(a, c) for a, c in zip(inits[0], inits[2]))
 
 
-def test_one_study_arm_runs_two_steps_with_evaluation(arms, tmp_path):
+def test_one_study_arm_runs_two_steps_with_evaluation(arms, tmp_path, monkeypatch):
+  # Reference statistics of mock images must not land in the user's cache under a real dataset's name.
+  monkeypatch.setenv('IMMISCIBLE_JAX_CACHE', str(tmp_path / 'cache'))
   config = _arm_config(arms['size=16,batch=128,assign=exact_l2,seed=0'])
   config.update_from_flattened_dict({
       'training.num_steps': 2, 'training.log_every_steps': 1, 'eval.every_steps': 2, 'eval.num_samples': 64,
