@@ -32,7 +32,7 @@ fid-weights: $(STAMP)
 
 # -rs: a skipped test prints its reason (e.g. the GCS emulator could not start). The suite is mostly XLA compiles,
 # one thread each: TEST_WORKERS pytest processes (pytest-xdist, whole files per worker so module fixtures run
-# once) share them out; each needs ~6 GB of memory.
+# once) share them out; TEST_WORKERS=1 where memory is short (each worker holds its files' compiled programs).
 TEST_WORKERS ?= 2
 test: $(STAMP) $(TEST_STAMP) fid-weights
 	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
