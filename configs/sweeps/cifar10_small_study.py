@@ -9,7 +9,7 @@ Arms (name = size,batch,assign,seed; the report pairs every arm with assign=none
   core      16x16, batch 128: none; exact with the paper's plain L2 cost (exact_l2); exact with squared L2
             (exact_sq: minibatch OT, only -x.n matters); knn8 (nearest of 8 noise draws per image): 5 seeds
   size      8x8, batch 128: none vs exact_l2: 5 seeds
-  batch     16x16 at batch 32 and batch 512: none vs exact_l2: 3 seeds. Every batch size sees the same number of
+  batch     16x16 at batch 32 and batch 512: none vs exact_l2: 5 seeds. Every batch size sees the same number of
             images (800 x 128 = 102,400): batch 32 runs 3,200 steps, batch 512 runs 200 steps, each with its own
             curriculum over its own step count, evaluations spaced by the same number of images.
 Exact assignment is 'jv' (exact, fastest in-graph solver on CPU), over the whole batch (one device here).
@@ -31,8 +31,8 @@ ASSIGN = {
 PARTS = (
     (16, 128, ('none', 'exact_l2', 'exact_sq', 'knn8'), (0, 1, 2, 3, 4)),
     (8, 128, ('none', 'exact_l2'), (0, 1, 2, 3, 4)),
-    (16, 32, ('none', 'exact_l2'), (0, 1, 2)),
-    (16, 512, ('none', 'exact_l2'), (0, 1, 2)),
+    (16, 32, ('none', 'exact_l2'), (0, 1, 2, 3, 4)),
+    (16, 512, ('none', 'exact_l2'), (0, 1, 2, 3, 4)),
 )
 
 
