@@ -1,4 +1,4 @@
-r"""Train-step throughput: images/s of the compiled, pmapped step with and without immiscible assignment.
+r"""Train-step throughput: images/s of the training loop's compiled step (pmap, one step per call) with and without immiscible assignment.
 
   python benchmarks/train_step.py --config=configs/digits.py --json benchmarks/results/train_step_cpu.json
   python benchmarks/train_step.py --config=configs/digits.py --methods=none --dtypes=float32,bfloat16 \
@@ -47,9 +47,11 @@ class Case:
     self.config = config
     model = models.create_model(config.model, config.data.channels)
     optimizer = train_state.create_optimizer(config.optim)
-    self._state = replicas.replicate(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
-    self._step = train.make_p_train_step(model, optimizer, config)
-    self._batch = replicas.put_sharded(batch)  # on the devices once, as the trainer's prefetch delivers it
+    layout = replicas.PmapLayout()
+    self._state = layout.put_state(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
+    self._step = train.make_train_steps(model, optimizer, config, layout)  # the loop's function, one step a call
+    # On the devices once, as the trainer's prefetch delivers it: [devices, k = 1, B_dev, ...].
+    self._batch = layout.put_batches(jax.tree_util.tree_map(lambda x: x[None], batch))
     t0 = time.perf_counter()
     self.rate(1)
     self.compile_s = time.perf_counter() - t0
@@ -63,7 +65,7 @@ class Case:
     return steps * self.config.training.batch_size / (time.perf_counter() - t0)
 
   def row(self, rates):
-    m = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], self._metrics))
+    m = jax.device_get(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1)[0], self._metrics))
     before, after = float(m['assignment/distance_before']), float(m['assignment/distance_after'])
     return dict(method=self.config.assignment.method, dtype=self.config.model.dtype,
                 scope=self.config.assignment.scope, images_per_sec=float(np.median(rates)),

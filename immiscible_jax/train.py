@@ -128,23 +128,40 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_p_train_step(model, optimizer, config, devices=None):
-  """One step per call under jax.pmap, fed replicas.shard_batch batches (benchmarks/train_step.py); the loop
-  uses make_train_steps."""
-  step = functools.partial(train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
-
-
 def train_steps(state, batches, **step_args):
-  """training.steps_per_dispatch = k steps in one compiled call: a lax.scan of train_step over batches
-  ({name: [k, B_dev, ...]}); returns the state after the k steps and every step's metrics ({name: [k]})."""
-  return jax.lax.scan(functools.partial(train_step, **step_args), state, batches)
+  """training.steps_per_dispatch = k steps in one compiled call, over batches ({name: [k, B_dev, ...]}); returns
+  the state after the k steps and every step's metrics ({name: [k]}).
+
+  k = 1 calls train_step directly; only k > 1 runs it in a lax.scan. On XLA:CPU a scan costs far more than it
+  saves: XLA:CPU's convolution canonicalisation, which rewrites the backward pass's convolutions (weight
+  gradients `f01b_i01o->01bf`, input gradients `b01f_01oi->b01f`) into the one layout its multi-threaded Eigen
+  kernel takes, does not reach convolutions inside the scan's while body, so those run in XLA's naive loop
+  emitter (the same HLO goes in; compare the dim_labels of `compiled.as_text()`). A length-1 scan ran the digits
+  step about 8x slower than the direct call (benchmarks/dispatch.py; `unroll=True` does not help). So k > 1
+  pays only where dispatch is the cost, on GPUs and TPUs; on CPU the loop says so at start-up.
+  """
+  step = functools.partial(train_step, **step_args)
+  if jax.tree_util.tree_leaves(batches)[0].shape[0] == 1:
+    state, metrics = step(state, jax.tree_util.tree_map(lambda x: x[0], batches))
+    return state, jax.tree_util.tree_map(lambda x: x[None], metrics)
+  return jax.lax.scan(step, state, batches)
 
 
 def make_train_steps(model, optimizer, config, layout):
   """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
   (device state, metrics); the state is donated."""
   return layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer, config=config))
+
+
+def cpu_scan_note(config, backend):
+  """A start-up line for a run that puts its step in a lax.scan on CPU (steps_per_dispatch or grad_accum_steps
+  > 1), where that scan is several times slower per step (train_steps says why); None otherwise."""
+  tcfg = config.training
+  scanned = [f'training.{key}={tcfg[key]}' for key in ('steps_per_dispatch', 'grad_accum_steps') if tcfg[key] > 1]
+  if backend != 'cpu' or not scanned:
+    return None
+  return (f'note: {" and ".join(scanned)} put the step (or its gradient) inside a lax.scan, which XLA:CPU runs '
+          'several times slower than a direct call (benchmarks/results/dispatch_cpu.json); on CPU set them to 1')
 
 
 def stack_batches(data_iter, k):
@@ -222,6 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                              f'multiple of {k}; resume with a value that divides {step}')
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
+  note = cpu_scan_note(config, jax.default_backend())
+  if note:
+    writer.log(note)
   layout = replicas.create_layout(config.parallel.mode)
   data_iter = start_stream(step)
   # The next dispatch's k batches are read and put on the devices while this one runs.

@@ -200,3 +200,13 @@ def test_loop_saves_before_evaluating_compiles_once_and_resumes_across_modes(tmp
   rows = [json.loads(line) for line in open(tmp_path / 'resumed' / 'metrics.jsonl')]
   assert [r['step'] for r in rows if 'train/loss' in r] == [2, 4, 6, 8, 10, 12]  # one log per call, no gap
   assert [r['step'] for r in rows if 'eval/ema_mean' in r] == [4, 12]  # step 8's evaluation crashed
+
+
+def test_a_scanned_step_on_cpu_is_announced_at_start_up():
+  """k > 1 steps per call and gradient accumulation put the step in a lax.scan, which XLA:CPU runs several
+  times slower (train.train_steps): said at start-up on CPU, not elsewhere, and not for k = 1."""
+  for k, accum, backend, said in ((1, 1, 'cpu', None), (4, 1, 'cpu', 'training.steps_per_dispatch=4'),
+                                  (1, 2, 'cpu', 'training.grad_accum_steps=2'), (4, 2, 'gpu', None)):
+    note = train.cpu_scan_note(_tiny(**{'training.steps_per_dispatch': k, 'training.grad_accum_steps': accum}),
+                               backend)
+    assert (note is None) if said is None else (said in note and 'slower' in note), (k, accum, backend, note)
