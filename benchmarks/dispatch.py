@@ -71,9 +71,12 @@ def _cases(config_name, modes, ks):
   step = functools.partial(train.train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
   pmap = replicas.PmapLayout()
   one = jax.tree_util.tree_map(lambda x: x[None], batch)
-  cases = [_Case('plain step', pmap.compile(step), replicas.put_sharded, batch, pmap.put_state(state), 1),
+  plain, scan1 = pmap.compile(step), pmap.compile(lambda s, b, f: jax.lax.scan(lambda s, x: step(s, x, f), s, b))
+  no_loss_params = pmap.put_state({})
+  cases = [_Case('plain step', lambda s, b: plain(s, b, no_loss_params), replicas.put_sharded, batch,
+                 pmap.put_state(state), 1),
            # What the loop ran for k = 1 before train_steps special-cased it: the guard against that regression.
-           _Case('length-1 lax.scan', pmap.compile(lambda s, b: jax.lax.scan(step, s, b)), pmap.put_batches, one,
+           _Case('length-1 lax.scan', lambda s, b: scan1(s, b, no_loss_params), pmap.put_batches, one,
                  pmap.put_state(state), 1)]
   for mode in modes:
     layout = replicas.create_layout(mode)

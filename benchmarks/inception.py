@@ -21,12 +21,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from immiscible_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from immiscible_jax import inception  # pylint: disable=g-import-not-at-top,wrong-import-position
+from immiscible_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REFERENCE_IMAGES = 50_000
 
 
 def _params():
-  path = inception.weights_path(evaluation.default_cache_dir())
+  path = inception.weights_path(storage.default_cache_dir())
   if os.path.exists(path):
     return inception.load_params(path), 'converted'
   variables = jax.jit(inception.InceptionV3().init)(
@@ -61,7 +62,7 @@ def bench_flax(params, batch_sizes, min_seconds):
 
 def bench_torch(batch_size, min_seconds):
   import torch  # pylint: disable=g-import-not-at-top
-  module = torch.jit.load(inception.torchscript_path(evaluation.default_cache_dir()), map_location='cpu').eval()
+  module = torch.jit.load(inception.torchscript_path(storage.default_cache_dir()), map_location='cpu').eval()
   x = torch.rand(batch_size, 3, inception.INPUT_SIZE, inception.INPUT_SIZE) * 2 - 1
   with torch.no_grad():
     row = _time(lambda: module(x), batch_size, min_seconds)

@@ -4,9 +4,9 @@
       --config.assignment.method=auction --config.assignment.scope=global
 (auction: the assignment method README recommends on GPUs/TPUs; use jv for exact assignment on CPU.)
 Paper (Table 3, CT on CIFAR-10): batch 512, K = 800k iterations, RAdam lr 4e-4, mu0 = 0.9, s0 = 2, s1 = 150,
-sampling EMA 0.9999, LPIPS metric; published FID 8.70 (1 step) / 5.83 (2 steps). LPIPS weights cannot be
-shipped, so this uses squared L2 (set training.loss='pseudo_huber' for iCT's metric); expect worse FIDs than
-the paper's LPIPS numbers. The model and data settings follow the JAX anchor's CT config
+sampling EMA 0.9999, LPIPS metric; published FID 8.70 (1 step) / 5.83 (2 steps). LPIPS-VGG16 as in the CT code
+(jcm/losses.py): both outputs resized bilinearly to 224x224 (training.lpips_resolution), weights converted once
+by `make weights` (immiscible_jax/lpips.py). FLOPS_PER_IMAGE below. The model and data settings follow the JAX anchor's CT config
 (openai/consistency_models_cifar10, configs/cifar10_ve_ct_adaptive.py): Fourier embedding scale 16, dropout 0,
 FIR resampling, residual input pyramid, no gradient clipping, random flips. The optimizer does not: that config
 names RAdam with lr 2e-4 and a warm-up of 1e7/512 = 19,531 steps, but the anchor's RAdam branch (jcm/losses.py,
@@ -43,7 +43,8 @@ def get_config():
   config.training.recipe = 'ct'
   config.training.batch_size = 512
   config.training.num_steps = 800_000
-  config.training.loss = 'l2'
+  config.training.loss = 'lpips'
+  config.training.lpips_resolution = 224
   config.training.s0 = 2
   config.training.s1 = 150
   config.training.mu0 = 0.9

@@ -85,9 +85,13 @@ def get_config():
   training.batch_size = 64
   # Total optimisation steps, K in the papers' schedules N(k) (int > 0).
   training.num_steps = 1000
-  # Distance between online and target outputs: 'l2' (mean squared error), 'l1' (mean absolute error) or
-  # 'pseudo_huber' (sqrt(||x - y||^2 + c^2) - c, iCT).
+  # Distance between online and target outputs: 'l2' (mean squared error), 'l1' (mean absolute error),
+  # 'pseudo_huber' (sqrt(||x - y||^2 + c^2) - c, iCT) or 'lpips' (LPIPS-VGG16, CT's CIFAR-10 metric; weights
+  # from `make weights`).
   training.loss = 'l2'
+  # 'lpips': both outputs are resized bilinearly to this many pixels square before LPIPS (int; 224 as in CT's
+  # code; 0 = the images' own size); VGG16's four poolings need at least 16.
+  training.lpips_resolution = 224
   # Pseudo-Huber constant c (>= 0, in the units of ||x - y|| for images in [-1, 1]); a negative value means
   # 0.00054 * sqrt(H * W * C), as in iCT.
   training.huber_c = -1.0

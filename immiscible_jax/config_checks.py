@@ -14,18 +14,20 @@ from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import errors
 from immiscible_jax import evaluation
+from immiscible_jax import lpips
 from immiscible_jax import models
 from immiscible_jax import replicas
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
 
 RECIPES = ('ct', 'ict')
-LOSSES = ('l2', 'l1', 'pseudo_huber')
+LOSSES = ('l2', 'l1', 'pseudo_huber', 'lpips')
 OPTIMIZERS = ('adam', 'radam')
 
 # Keys whose change makes a saved run a different experiment (shapes or semantics): refuse to resume.
 _RESUME_FIXED = ('seed', 'data.dataset', 'data.path', 'data.image_size', 'data.channels', 'data.split',
-                 'model.', 'training.recipe', 'training.batch_size', 'training.loss', 'training.sigma_',
+                 'model.', 'training.recipe', 'training.batch_size', 'training.loss', 'training.lpips_resolution',
+                 'training.sigma_',
                  'training.rho', 'optim.optimizer', 'assignment.method', 'assignment.cost', 'assignment.scope')
 # Keys of the training schedule: resuming with other values needs --allow_schedule_change.
 RESUME_SCHEDULE = ('training.num_steps', 'training.s0', 'training.s1', 'training.mu0', 'training.p_mean',
@@ -87,6 +89,11 @@ def _check_training(config):
   t = config.training
   _require(t.recipe in RECIPES, 'training.recipe', f'got {t.recipe!r}', errors.allowed_values(RECIPES))
   _require(t.loss in LOSSES, 'training.loss', f'got {t.loss!r}', errors.allowed_values(LOSSES))
+  if t.loss == 'lpips':
+    size = t.lpips_resolution or config.data.image_size
+    _require(t.lpips_resolution >= 0 and size >= lpips.MIN_SIZE, 'training.lpips_resolution',
+             f'LPIPS runs at {size}x{size} pixels here (0 = data.image_size, {config.data.image_size}), but VGG16 '
+             f'pools four times and needs at least {lpips.MIN_SIZE}; set it to 16 or more (224 as in CT)')
   for key in ('batch_size', 'num_steps', 'log_every_steps', 's0', 's1'):
     _require(getattr(t, key) > 0, f'training.{key}', f'must be positive, got {getattr(t, key)!r}')
   _require(0 < t.sigma_min < t.sigma_max, 'training.sigma_min',

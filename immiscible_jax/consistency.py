@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from immiscible_jax import errors
+from immiscible_jax import lpips
 
 
 # ----------------------------------------------------------------------------- grids and schedules
@@ -109,7 +110,8 @@ def distance(x, y, kind, huber_c):
     return jnp.mean(jnp.abs(diff), axis=-1)
   if kind == 'pseudo_huber':
     return jnp.sqrt(jnp.sum(diff ** 2, axis=-1) + huber_c ** 2) - huber_c
-  raise errors.ConfigError(f"training.loss: got {kind!r}; allowed: 'l2', 'l1', 'pseudo_huber'")
+  raise errors.ConfigError(f"training.loss: got {kind!r}; allowed here: 'l2', 'l1', 'pseudo_huber' ('lpips' is "
+                           'lpips.distance)')
 
 
 @flax.struct.dataclass
@@ -139,8 +141,11 @@ def sample_pairs(keys, num_scales, cfg, recipe):
   return PairSample(lo, hi, weight)
 
 
-def consistency_loss(apply_fn, params, target_params, images, noise, pairs, cfg, dropout_key):
+def consistency_loss(apply_fn, params, target_params, images, noise, pairs, cfg, dropout_key, loss_params=None):
   """Consistency-training loss (CT eq. 10 / iCT eq. 5) on one batch; both inputs share the same noise.
+
+  The metric d is training.loss: 'l2', 'l1', 'pseudo_huber' (`distance`), or 'lpips' (lpips.distance with the
+  frozen network weights `loss_params`, both outputs resized to training.lpips_resolution, as CT's code does).
 
   Everything here is float32 whatever model.dtype is: the loss is a difference of two network outputs at nearby
   sigma, smaller than bfloat16's rounding of either output.
@@ -156,6 +161,9 @@ def consistency_loss(apply_fn, params, target_params, images, noise, pairs, cfg,
   target = denoise(apply_fn, jax.lax.stop_gradient(target_params), x_lo, pairs.sigma_lo, cfg.sigma_min,
                    cfg.sigma_data, True, dropout_key)
   target = jax.lax.stop_gradient(target)
-  huber_c = cfg.huber_c if cfg.huber_c >= 0 else default_huber_c(images.shape[1:])
-  dist = distance(online, target, cfg.loss, huber_c)
+  if cfg.loss == 'lpips':
+    dist = lpips.distance(loss_params, online, target, cfg.lpips_resolution)
+  else:
+    huber_c = cfg.huber_c if cfg.huber_c >= 0 else default_huber_c(images.shape[1:])
+    dist = distance(online, target, cfg.loss, huber_c)
   return jnp.mean(pairs.weight * dist), dist

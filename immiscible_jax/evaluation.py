@@ -5,7 +5,6 @@ An extractor maps uint8 images [N, H, W, C] to float32 features [N, D]:
   - 'inception': pool3 features of the standard FID Inception-v3 (inception.py; FID when used with it).
 The metric is FD = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between the features' Gaussians.
 """
-import os
 import re
 from typing import Protocol
 
@@ -27,11 +26,6 @@ class Extractor(Protocol):
 
   def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
     ...
-
-
-def default_cache_dir():
-  """Weights and reference statistics live here: $IMMISCIBLE_JAX_CACHE or ~/.cache/immiscible_jax."""
-  return os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.expanduser('~/.cache/immiscible_jax')
 
 
 def validate_config(eval_config):
@@ -195,7 +189,7 @@ class BatchedFeatures:
 
 def inception_extractor(cache_dir=None, batch_size=64, num_devices=None):
   """The FID feature extractor; the weights come from `python -m immiscible_jax.convert_inception`."""
-  params = inception.load_params(inception.weights_path(cache_dir or default_cache_dir()))
+  params = inception.load_params(inception.weights_path(cache_dir or storage.default_cache_dir()))
   return BatchedFeatures(INCEPTION_NAME, inception.features, params, batch_size, num_devices)
 
 

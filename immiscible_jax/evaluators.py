@@ -40,7 +40,7 @@ def _reference_stats(config, extractor):
   source = d.dataset if d.dataset != 'folder' else 'folder-' + storage.basename(d.path)
   key = f'{source}_{e.reference_split}_{d.image_size}px_n{e.reference_num_images}'
   images_fn = functools.partial(data.load_images, d, e.reference_split, e.reference_num_images)
-  compute = lambda: evaluation.reference_statistics(extractor, images_fn, key, evaluation.default_cache_dir())
+  compute = lambda: evaluation.reference_statistics(extractor, images_fn, key, storage.default_cache_dir())
   if jax.process_count() == 1:
     return compute()
   if jax.process_index() == 0:  # one writer of the cache file; the others read it after the barrier

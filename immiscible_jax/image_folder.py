@@ -49,9 +49,7 @@ def is_archive(path):
 
 
 def cache_dir():
-  root = os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                                  'immiscible_jax')
-  return storage.join(root, 'data')
+  return storage.join(storage.default_cache_dir(), 'data')
 
 
 def _hidden(relpath):

@@ -74,7 +74,8 @@ class PmapLayout:
     self.devices = devices
 
   def compile(self, step_fn):
-    """step_fn(state, batches) on one device's part -> the mapped function; the state is donated."""
+    """step_fn(state, batches, frozen) on one device's part -> the mapped function; the state is donated (frozen:
+    a pytree put with put_state, e.g. a loss network's weights)."""
     return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=self.devices)
 
   def put_state(self, tree):
@@ -100,12 +101,13 @@ class ShardMapLayout:
     self.mesh = jax.sharding.Mesh(np.array(devices or jax.devices()), (AXIS,))
 
   def compile(self, step_fn):
-    """step_fn(state, batches) on one device's part -> jit(shard_map(...)); the state is donated.
+    """step_fn(state, batches, frozen) on one device's part -> jit(shard_map(...)); the state is donated (frozen:
+    a pytree put with put_state, replicated like the state).
 
     check_vma=False: the solvers' loops (optax's Hungarian, ott's Sinkhorn) do not type-check under the
     varying-manual-axes check; the step pmeans everything it returns, so P() outputs are replicated.
     """
-    mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()),
+    mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P()), out_specs=(P(), P()),
                            check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,))
 

@@ -25,6 +25,12 @@ from etils import epath
 import numpy as np
 
 
+def default_cache_dir():
+  """Where converted weights, reference statistics and decoded images are cached: $IMMISCIBLE_JAX_CACHE (a folder
+  or a URL) or ~/.cache/immiscible_jax."""
+  return os.environ.get('IMMISCIBLE_JAX_CACHE') or os.path.expanduser('~/.cache/immiscible_jax')
+
+
 def is_remote(path):
   """True for a URL such as gs://bucket/prefix, False for a local path."""
   return '://' in os.fspath(path)

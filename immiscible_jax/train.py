@@ -30,6 +30,7 @@ from immiscible_jax import config_checks
 from immiscible_jax import consistency
 from immiscible_jax import data
 from immiscible_jax import errors
+from immiscible_jax import lpips
 from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import prefetch
@@ -73,9 +74,10 @@ def accumulated_value_and_grad(loss_fn, params, batch, key, num_micro):
   return jax.tree_util.tree_map(lambda x: x / num_micro, total)
 
 
-def train_step(state, batch, *, apply_fn, optimizer, config):
+def train_step(state, batch, loss_params, *, apply_fn, optimizer, config):
   """One consistency-training step on this device's shard; runs mapped over the device axis 'batch' (either
-  layout of replicas.py)."""
+  layout of replicas.py). loss_params: the frozen weights of the loss's network (LPIPS; {} for the other
+  metrics), an input of the step that is never differentiated, updated or saved."""
   tcfg = config.training
   images = to_unit_range(batch['image'])                              # [B_dev, H, W, C] in [-1, 1]
   example_ids = batch['example_id']                                   # [B_dev] index in the global batch
@@ -98,7 +100,7 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   #    only the gradients are taken micro-batch by micro-batch.
   def loss_fn(params, micro, key):
     target = state.target_params if tcfg.recipe == 'ct' else params
-    loss, _ = consistency.consistency_loss(apply_fn, params, target, *micro, tcfg, key)
+    loss, _ = consistency.consistency_loss(apply_fn, params, target, *micro, tcfg, key, loss_params)
     return loss
 
   loss, grads = accumulated_value_and_grad(loss_fn, state.params, (images, noise, pairs),
@@ -128,7 +130,7 @@ def train_step(state, batch, *, apply_fn, optimizer, config):
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def train_steps(state, batches, **step_args):
+def train_steps(state, batches, loss_params, **step_args):
   """training.steps_per_dispatch = k steps in one compiled call, over batches ({name: [k, B_dev, ...]}); returns
   the state after the k steps and every step's metrics ({name: [k]}).
 
@@ -140,17 +142,30 @@ def train_steps(state, batches, **step_args):
   step about 8x slower than the direct call (benchmarks/dispatch.py; `unroll=True` does not help). So k > 1
   pays only where dispatch is the cost, on GPUs and TPUs; on CPU the loop says so at start-up.
   """
-  step = functools.partial(train_step, **step_args)
+  step = lambda s, b: train_step(s, b, loss_params, **step_args)
   if jax.tree_util.tree_leaves(batches)[0].shape[0] == 1:
     state, metrics = step(state, jax.tree_util.tree_map(lambda x: x[0], batches))
     return state, jax.tree_util.tree_map(lambda x: x[None], metrics)
   return jax.lax.scan(step, state, batches)
 
 
-def make_train_steps(model, optimizer, config, layout):
+def frozen_loss_params(config):
+  """The weights of training.loss's network: LPIPS-VGG16 from the cache for 'lpips' (a one-line ConfigError naming
+  the command that converts them when missing), {} for the other metrics."""
+  if config.training.loss != 'lpips':
+    return {}
+  return lpips.load_params(lpips.weights_path(storage.default_cache_dir()))
+
+
+def make_train_steps(model, optimizer, config, layout, loss_params=None):
   """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
-  (device state, metrics); the state is donated."""
-  return layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer, config=config))
+  (device state, metrics); the state is donated. loss_params (frozen_loss_params; default {}) are put on the
+  devices once here and passed to every call as an input, so they are neither baked into the program as
+  constants nor part of the trained, checkpointed state."""
+  compiled = layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer,
+                                              config=config))
+  d_loss_params = layout.put_state(loss_params if loss_params is not None else {})
+  return lambda d_state, d_batches: compiled(d_state, d_batches, d_loss_params)
 
 
 def cpu_scan_note(config, backend):
@@ -230,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   optimizer = train_state.create_optimizer(config.optim)
   lr_fn = train_state.learning_rate_schedule(config.optim)
   start_stream = data.train_stream(config.data, tcfg.batch_size, config.seed)  # bad data fails before compiling
+  loss_params = frozen_loss_params(config)  # and so do missing LPIPS weights
   manager = checkpointing.create_manager(workdir, config.checkpoint)
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
   state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
@@ -247,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   # The next dispatch's k batches are read and put on the devices while this one runs.
   dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   d_state = layout.put_state(state)
-  train_fn = make_train_steps(model, optimizer, config, layout)
+  train_fn = make_train_steps(model, optimizer, config, layout, loss_params)
   flag = preemption.install()
   meta = {'config': config.to_dict()}
   every_eval = config.eval.every_steps

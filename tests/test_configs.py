@@ -51,7 +51,10 @@ def _digits():
 
 @pytest.mark.parametrize('key,value,message', [
     ('training.recipe', 'cd', "training.recipe: got 'cd'; allowed: 'ct', 'ict'"),
-    ('training.loss', 'lpips', "training.loss: got 'lpips'; allowed: 'l2', 'l1', 'pseudo_huber'"),
+    ('training.loss', 'lpsis', "training.loss: got 'lpsis'; allowed: 'l2', 'l1', 'pseudo_huber', 'lpips'"),
+    # digits are 8x8: LPIPS at their own size (0) is below VGG16's 16 pixels, and so is 8.
+    ('training.lpips_resolution', 0, 'training.lpips_resolution: LPIPS runs at 8x8 pixels here'),
+    ('training.lpips_resolution', 8, 'needs at least 16; set it to 16 or more'),
     ('training.batch_size', 12, 'must be divisible by the number of devices'),
     ('training.num_steps', 0, 'training.num_steps: must be positive, got 0'),
     ('training.sigma_min', 100.0, 'training.sigma_min: must lie in (0, training.sigma_max), got 100.0'),
@@ -75,6 +78,8 @@ def test_bad_values_name_their_key(key, value, message):
   section, name = key.split('.')
   with config.unlocked():
     config[section][name] = value
+    if name == 'lpips_resolution':
+      config.training.loss = 'lpips'
   with pytest.raises(errors.ConfigError, match=re.escape(message)):
     config_checks.validate(config)
 

@@ -12,12 +12,13 @@ import pytest
 from immiscible_jax import convert_inception
 from immiscible_jax import evaluation
 from immiscible_jax import inception
+from immiscible_jax import storage
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
-CACHE = evaluation.default_cache_dir()
+CACHE = storage.default_cache_dir()
 PT_PATH = inception.torchscript_path(CACHE)
 NPZ_PATH = inception.weights_path(CACHE)
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason='torch not installed: pip install -r requirements-fid.txt')
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason='torch not installed: pip install -r requirements-weights.txt')
 
 
 def _torch_nv_bilinear(images_uint8, size=299):

@@ -110,3 +110,25 @@ def test_one_study_arm_runs_two_steps_with_evaluation(arms, tmp_path, monkeypatc
   assert np.isfinite([r['eval/fd_pixels'] for r in rows if 'eval/fd_pixels' in r]).all()
   assert [r['step'] for r in rows if 'eval/fd_pixels' in r] == [2]
   assert json.loads((tmp_path / 'arm' / 'done.json').read_text()) == {'step': 2}
+
+
+CT_LPIPS_STUDY = 'configs/sweeps/cifar10_small_ct_lpips.py'
+
+
+def test_every_ct_lpips_arm_is_valid_and_paired_with_its_loss_and_seed():
+  """The CT-LPIPS study: 5 LPIPS seeds and 3 squared-L2 seeds of none vs exact L2, every arm CT with its
+  baseline (assign=none, same loss and seed) differing in the assignment only; 8 evaluations per arm."""
+  config_spec, plan = sweep.load_sweep(CT_LPIPS_STUDY)
+  arms = dict(plan)
+  assert sorted(n for n in arms if n.startswith('loss=lpips,assign=none')) == [
+      f'loss=lpips,assign=none,seed={s}' for s in range(5)]
+  assert sum(n.startswith('loss=l2,') for n in arms) == 6
+  for name, overrides in arms.items():
+    config = sweep.load_config(config_spec)
+    config.update_from_flattened_dict(overrides)
+    config_checks.validate(config)
+    assert config.training.recipe == 'ct' and config.training.loss == name.split(',')[0].split('=')[1]
+    assert config.training.num_steps == 8 * config.eval.every_steps
+    base = report_stats.baseline_of(name, 'assign=none')
+    differing = {k for k in set(overrides) | set(arms[base]) if overrides.get(k) != arms[base].get(k)}
+    assert differing <= {k for k in overrides if k.startswith('assignment.')}, name
