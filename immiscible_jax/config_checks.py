@@ -5,8 +5,6 @@ module validates its knobs (data, model, assignment, evaluation); this module ch
 configs/default.py, the types, and the cross-section constraints.
 """
 import difflib
-import importlib.util
-import os
 
 import jax
 
@@ -17,8 +15,6 @@ from immiscible_jax import evaluation
 from immiscible_jax import lpips
 from immiscible_jax import models
 from immiscible_jax import replicas
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
 
 RECIPES = ('ct', 'ict')
 LOSSES = ('l2', 'l1', 'pseudo_huber', 'lpips')
@@ -35,10 +31,10 @@ RESUME_SCHEDULE = ('training.num_steps', 'training.s0', 'training.s1', 'training
 
 
 def default_config():
-  spec = importlib.util.spec_from_file_location('immiscible_jax_default_config', _DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's config, imported (the package `configs` is installed with the library), never read
+  by a path relative to the working directory."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return default.get_config()
 
 
 def flatten(d, prefix=''):

@@ -5,6 +5,7 @@ The meaning of a key is the comment block directly above its assignment in confi
 cannot drift apart. Every key needs a comment of its own: a key whose line follows another assignment (a
 comment shared by several keys) or a blank line is refused, naming the key.
 """
+import inspect
 import re
 
 from immiscible_jax import config_checks
@@ -17,9 +18,16 @@ class UndocumentedKeyError(ValueError):
   pass
 
 
-def reference_rows(path=config_checks._DEFAULT_CONFIG):  # pylint: disable=protected-access
+def default_config_path():
+  """The source file of configs/default.py, wherever the package `configs` is installed."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return inspect.getsourcefile(default)
+
+
+def reference_rows(path=None):
   """[(key, default repr, meaning)] in file order. Meaning: the comment lines directly above the key's
   assignment. Raises UndocumentedKeyError for a key without a comment of its own."""
+  path = path or default_config_path()
   defaults = config_checks.flatten(config_checks.default_config())
   rows, comment = [], []
   with open(path) as f:
@@ -51,7 +59,7 @@ def _cell(text):
   return text.replace('|', r'\|').replace('<', '&lt;')
 
 
-def markdown(path=config_checks._DEFAULT_CONFIG):  # pylint: disable=protected-access
+def markdown(path=None):
   lines = ['| key | default | meaning |', '|---|---|---|']
   lines += [f'| `{k}` | `{v}` | {_cell(m)} |' for k, v, m in reference_rows(path)]
   return '\n'.join(lines)

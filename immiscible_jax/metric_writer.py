@@ -85,6 +85,26 @@ def _summary_writer(logdir):
   return SummaryWriter(logdir, flush_secs=REMOTE_FLUSH_SECS)
 
 
+# What the console shows of a log row (metrics.jsonl and TensorBoard get every value): short name and format.
+_CONSOLE = (('train/loss', 'loss', '{:.4g}'), ('assignment/reduction_pct', 'reduction', '{:.2f}%'),
+            ('perf/images_per_sec', 'img/s', '{:.0f}'))
+
+
+def console_summary(scalars):
+  """'loss=0.0123 reduction=2.41% img/s=111' plus every eval/* value: the numbers that matter, in 80 columns."""
+  parts = [f'{short}={fmt.format(scalars[key])}' for key, short, fmt in _CONSOLE if key in scalars]
+  parts += [f'{key.split("/", 1)[1]}={value:.4g}' for key, value in scalars.items() if key.startswith('eval/')]
+  return ' '.join(parts)
+
+
+def format_seconds(seconds):
+  """3725 -> '1h02m', 125 -> '2m05s', 7 -> '7s'."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
+
+
 class MetricWriter:
   """Writes one JSON line per call to workdir/metrics.jsonl, TensorBoard scalars and a console line."""
 
@@ -110,6 +130,19 @@ class MetricWriter:
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit='step')
 
+  def start_clock(self, step):
+    """ETA counts from here: call once the step is compiled, with the step the run starts from (not 0 on a
+    resume), so neither compilation nor the steps of an earlier run distort it."""
+    self._start_step, self._start_time = step, time.time()
+    if self._bar is not None:
+      self._bar.reset(total=self._total)
+      self._bar.update(step)
+
+  def advance(self, step):
+    """Moves the progress bar to `step` (every dispatch, between logs); no output without a terminal."""
+    if self._bar is not None and step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+
   def write(self, step, scalars):
     if not self.enabled:
       return
@@ -122,16 +155,16 @@ class MetricWriter:
     self._console(step, scalars)
 
   def _console(self, step, scalars):
-    short = {k.split('/')[-1]: v for k, v in scalars.items()}
-    text = ' '.join(f'{k}={v:.4g}' for k, v in short.items())
+    text = console_summary(scalars)
     if self._bar is not None:
-      self._bar.n = step
-      self._bar.set_postfix_str(text, refresh=True)
+      self.advance(step)
+      if text:
+        self._bar.set_postfix_str(text, refresh=True)
       return
     done = step - self._start_step
     elapsed = time.time() - self._start_time
-    eta = elapsed / done * (self._total - step) if done > 0 else float('nan')
-    print(f'step {step}/{self._total} {text} eta={eta:.0f}s', flush=True)
+    eta = f' eta {format_seconds(elapsed / done * (self._total - step))}' if done > 0 else ''
+    print(f'step {step}/{self._total} {text}{eta}', flush=True)
 
   def log(self, message):
     if not self.enabled:

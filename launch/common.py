@@ -19,6 +19,16 @@ TRAINER_MODULE = 'immiscible_jax.main'
 DISTRIBUTED_ENV = 'IMMISCIBLE_JAX_DISTRIBUTED'
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """--help of the launchers: the docstring as written, and each option's default where it has one."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if action.default not in (None, False, '', argparse.SUPPRESS) and 'default' not in text and action.option_strings:
+      text += ' (default: %(default)s)'
+    return text
+
+
 @dataclasses.dataclass
 class Command:
   """One process to start: its argv and the variables it adds to the inherited environment."""

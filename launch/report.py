@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 from immiscible_jax import storage
+from launch import common
 from launch import report_stats
 
 
@@ -256,12 +257,14 @@ def _floats(text):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='launch.report', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='launch.report', epilog=__doc__, formatter_class=common.HelpFormatter)
   parser.add_argument('root', help='sweep root: one sub-directory per arm')
   parser.add_argument('--metric', default='eval/fd_pixels', help='key in metrics.jsonl (lower is better)')
   parser.add_argument('--threshold', type=float, default=None,
-                      help='overview threshold; default: the worst final value of any run')
-  parser.add_argument('--baseline', default='method=none', help='name component of the baseline arms')
+                      help='overview threshold (default: the worst final value of any run)')
+  parser.add_argument('--baseline', default='method=none',
+                      help='name component of the baseline arms: each arm is paired, seed by seed, with the arm '
+                      'whose name has this component in place of its own of the same key (e.g. assign=none)')
   parser.add_argument('--multipliers', default=','.join(f'{m:g}' for m in report_stats.DEFAULT_MULTIPLIERS),
                       help='thresholds as multiples of each baseline group\'s mean final value')
   parser.add_argument('--thresholds', default='', help='extra absolute thresholds, comma-separated')

@@ -144,8 +144,9 @@ def _parse(argv):
   first = argparse.ArgumentParser(add_help=False)
   first.add_argument('--runner', choices=sorted(RUNNERS), default='local')
   runner_name = first.parse_known_args(own)[0].runner
-  parser = argparse.ArgumentParser(prog='launch.sweep', description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  # The module docstring once, as the epilog (its first line would repeat as the description); defaults shown.
+  parser = argparse.ArgumentParser(prog='launch.sweep', epilog=__doc__,
+                                   formatter_class=common.HelpFormatter)
   parser.add_argument('--sweep', required=True, help='sweep file, e.g. configs/sweeps/assignment_digits.py')
   parser.add_argument('--runner', choices=sorted(RUNNERS), default='local', help='launcher for every arm')
   parser.add_argument('--root', required=True, help='directory holding one workdir per arm')

@@ -401,12 +401,17 @@ def test_global_scope_equals_one_solve_of_the_concatenated_batch(method):
 
 @pytest.mark.parametrize('method', ['scipy', 'auction'])
 def test_local_scope_equals_per_shard_solves(method):
+  """Local scope under pmap gives each device the permutation that the same method finds for that shard alone
+  (one unmapped solve per shard), and that permutation is (near-)optimal for the shard."""
   devices, per_device = jax.device_count(), 8
   images, noise = image_like(devices * per_device, seed=32)
   shards = lambda a: a.reshape((devices, per_device) + SHAPE)
   # scipy through pure_callback, on every device: also checks the callback under pmap.
   out, _ = _pmapped(make_config(method=method, scope='local'))(shards(images), shards(noise))
+  alone = assign_fn((method,))
   for d in range(devices):
     x, n = shards(images)[d], shards(noise)[d]
+    (single, _), = alone(x, n, KEY)
+    np.testing.assert_array_equal(np.asarray(out[d]), np.asarray(single), err_msg=f'device {d}')
     fraction = fraction_of_optimum(cost_np(x, n, 'sqeuclidean'), perm_of(np.asarray(out[d]), n))
     assert fraction >= AUCTION_MIN_FRACTION if method == 'auction' else abs(fraction - 1) < 1e-6
