@@ -1,4 +1,4 @@
-"""Digits demo (`make demo`): scikit-learn's bundled 8x8 digits, iCT with exact immiscible assignment, on CPU.
+"""Digits demo (`make demo`): scikit-learn's bundled 8x8 digits, iCT with exact immiscible assignment (jv), on CPU.
 
   python -m immiscible_jax.main --config=configs/digits.py --workdir=workdirs/demo
 Runs in a few minutes on 2 CPU cores; one-step samples should be recognisable digits. The metric logged during
@@ -22,7 +22,7 @@ def get_config():
   config.training.log_every_steps = 100
   config.training.ema_rate = 0.995
   config.optim.learning_rate = 1e-3
-  config.assignment.method = 'hungarian'
+  config.assignment.method = 'jv'
   config.eval.every_steps = 400
   config.eval.num_samples = 1000
   config.eval.reference_num_images = 1797

@@ -217,9 +217,3 @@ def reference_statistics(extractor, images_fn, cache_key, cache_dir):
   # Atomic, so an interrupted run never leaves a truncated cache.
   storage.save_npz(path, atomic=True, mu=mu, sigma=sigma, num_images=len(images))
   return mu, sigma
-
-
-def frechet_distance_to(extractor, images_uint8, reference):
-  """FD (FID for the Inception extractor) of images against reference (mu, sigma)."""
-  mu, sigma = compute_statistics(extractor(images_uint8))
-  return frechet_distance(mu, sigma, *reference)

@@ -10,8 +10,8 @@ logs from its checkpoint on. TensorBoard: tensorboardX's SummaryWriter with a re
 scheme, which buffers the event file and uploads it through storage.py at each flush. Not tensorboardX's bundled
 gs:// writer (its own google-cloud-storage client: a second set of credentials and settings beside gcsfs, gs://
 only, and it rewrites the object from __del__ at interpreter exit) and not tf.summary (needs TensorFlow); nor a
-local temporary folder uploaded at each flush, which would write under the local disk. Local workdirs are written
-as before: metrics.jsonl appended and flushed at every write, TensorBoard through tensorboardX's file writer.
+local temporary folder uploaded at each flush, which would write under the local disk. A local workdir gets
+metrics.jsonl appended and flushed at every write, and TensorBoard through tensorboardX's file writer.
 """
 import io
 import json

@@ -1,7 +1,7 @@
 """One path layer for every file the project reads or writes: a local path or a URL such as gs://bucket/prefix.
 
 Every workdir, sweep root, report folder, cache ($IMMISCIBLE_JAX_CACHE) and data.path archive goes through these
-functions, so any of them may live in a bucket. Local paths take the same route as before (builtin open, os.replace);
+functions, so any of them may live in a bucket. Local paths use the builtin open and os.replace;
 URLs go through `etils.epath`, which reaches gs:// with gcsfs (pinned in requirements.txt; with TensorFlow installed
 epath uses tf.io.gfile instead). Orbax checkpoints are not written here: checkpointing.create_manager hands the
 workdir to Orbax unchanged (epath for its files, tensorstore for the arrays).

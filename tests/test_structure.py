@@ -74,8 +74,8 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_the_cycle_finder_finds_a_lazy_import_cycle():
-  # evaluators -> train (at the top) and train -> evaluators (inside a function), as before the train state
-  # moved to its own module.
+  # evaluators -> train (at the top) and train -> evaluators (inside a function): an import inside a function
+  # closes a cycle too.
   graph = {'evaluators': {'train'}, 'train': {'evaluators', 'data'}, 'data': set()}
   assert find_cycle(graph) == ['evaluators', 'train', 'evaluators']
 

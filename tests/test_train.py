@@ -53,7 +53,7 @@ def ct_steps():
   batches, the pmapped one-step function on one device and on all eight (with its layout), model, optimizer."""
   # 'global' scope: the assignment is over the whole batch either way, so both layouts solve one problem.
   config = _tiny(**{'training.recipe': 'ct', 'training.loss': 'l2', 'training.num_steps': NUM_STEPS,
-                    'training.s0': S0, 'training.s1': S1, 'training.mu0': MU0, 'assignment.method': 'hungarian',
+                    'training.s0': S0, 'training.s1': S1, 'training.mu0': MU0, 'assignment.method': 'jv',
                     'assignment.scope': 'global', 'assignment.dtype': 'float32'})
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
@@ -170,7 +170,7 @@ def test_loop_saves_before_evaluating_compiles_once_and_resumes_across_modes(tmp
   checkpoint. Each train_and_evaluate traces its k-step function once (so compiles it once) whatever it logs,
   evaluates, saves or restores; the resumed run ends where the straight one does (to rounding: two modes)."""
   config = _tiny(**{'training.num_steps': 12, 'training.steps_per_dispatch': 2, 'training.log_every_steps': 2,
-                    'eval.every_steps': 4, 'checkpoint.every_steps': 4, 'assignment.method': 'hungarian'})
+                    'eval.every_steps': 4, 'checkpoint.every_steps': 4, 'assignment.method': 'jv'})
   traces, real = [], train.train_steps
   monkeypatch.setattr(train, 'train_steps', lambda *args, **kw: (traces.append(1), real(*args, **kw))[1])
 

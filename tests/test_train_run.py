@@ -31,7 +31,7 @@ def trained_run(tmp_path_factory):
   config.update_from_flattened_dict({
       'training.num_steps': 300, 'training.log_every_steps': 50, 'optim.learning_rate': 2e-3,
       'training.ema_rate': 0.99, 'eval.every_steps': 150, 'eval.num_samples': 256, 'checkpoint.every_steps': 150,
-      'assignment.method': 'hungarian'})
+      'assignment.method': 'jv'})
   evaluator = evaluators.TrainingEvaluator(config)
   start = time.time()
   train.train_and_evaluate(config, workdir, evaluator=evaluator)
@@ -74,6 +74,7 @@ def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
 
 def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys):
   config, workdir, _, _ = trained_run
+  config = config.copy_and_resolve_references()  # the module's run stays as it was for the other tests
   config.sampling.num_samples = 20
   config.sampling.shard_size = 8
   paths, grid = evaluators.sample_from_checkpoint(config, workdir)
@@ -92,7 +93,7 @@ def test_sample_and_eval_take_the_run_config_from_its_checkpoint(trained_run):
   config, workdir, _, _ = trained_run
   # No --config: the saved one, with its non-default model.nf, learning rate and assignment, tuples as tuples.
   saved = saved_config.for_inference(workdir, config.checkpoint)
-  for section in ('data', 'model', 'training', 'assignment', 'optim', 'eval'):  # (sampling: changed above)
+  for section in ('data', 'model', 'training', 'assignment', 'optim', 'eval', 'sampling'):
     assert saved[section].to_dict() == config[section].to_dict(), section
   assert saved.model.nf != default.get_config().model.nf
   # A --config may change sampling/eval settings and moved data paths, nothing that shapes the trained model.

@@ -5,8 +5,9 @@ r"""Paired-seed study of the paper's own recipe at CPU scale: does immiscible as
       --config.data.dataset=folder --config.data.path=PATH/cifar10-jpg.tar.gz
   python -m launch.report results/cifar10_small_ct_lpips --metric=eval/fd_pixels --baseline=assign=none
 
-Config: configs/cifar10_small_ct.py (CT, LPIPS-VGG16 at 16x16, real CIFAR-10 at 16x16, NCSN++ nf = 16, batch 64,
-400 steps = 25,600 images per arm, pixel FD of 2,000 one-step EMA samples at 8 evenly spaced steps).
+Config: configs/cifar10_small_ct.py (CT, LPIPS-VGG16 at 16x16, real CIFAR-10 at 16x16, NCSN++ nf = 16, batch 128,
+800 steps, pixel FD of 2,000 one-step EMA samples at 8 evenly spaced steps). Every arm sees 102,400 images, as
+every arm of the iCT study (configs/sweeps/cifar10_small_study.py) does, so the two recipes compare at equal data.
 Arms (name = loss,assign,seed; the report pairs each arm with assign=none of the same loss and seed):
   lpips  none vs exact with the paper's plain L2 cost (jv): 5 seeds
   l2     the same pair with squared L2 (training.loss = 'l2') instead of LPIPS, the LPIPS-free control: 3 seeds
