@@ -90,7 +90,8 @@ def _run(config):
     from immiscible_jax import saved_config  # pylint: disable=g-import-not-at-top
     ckpt_config = (config or config_checks.default_config()).checkpoint
     config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config)
-  config_checks.validate(config)  # before the heavier imports below, and before anything compiles
+  # Before the heavier imports below, and before anything compiles.
+  config_checks.validate(config, for_training=FLAGS.mode == 'train')
   from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
   storage.makedirs(workdir)
   if FLAGS.mode == 'train':

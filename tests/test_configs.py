@@ -147,3 +147,32 @@ def test_config_reference_refuses_a_key_without_a_comment_of_its_own(edit, tmp_p
   path.write_text('\n'.join(lines))
   with pytest.raises(config_docs.UndocumentedKeyError, match=r'default.py:\d+: config key optim.b2 has no comment'):
     config_docs.markdown(str(path))
+
+
+# Issue 21, case 9: values that would train nothing (grad_norm 0 at sigma_max = 1e30) must not pass validation.
+@pytest.mark.parametrize('key,value,message', [
+    ('training.sigma_max', float('inf'), 'training.sigma_max: must be a finite number, got inf'),
+    ('training.sigma_data', float('inf'), 'training.sigma_data: must be a finite number, got inf'),
+    ('training.p_mean', float('nan'), 'training.p_mean: must be a finite number, got nan'),
+    ('optim.learning_rate', float('inf'), 'optim.learning_rate: must be a finite number, got inf'),
+    ('optim.b1', float('nan'), 'optim.b1: must be a finite number, got nan'),
+    ('sampling.sigmas', (80.0, float('nan')), 'sampling.sigmas: must be a finite number, got nan'),
+    # 1e30: x + sigma z in float32 keeps nothing of the image; the bound says why.
+    ('training.sigma_max', 1e30, 'training.sigma_max: must be at most 16448'),
+    ('training.sigma_max', 2e4, 'float32'),
+])
+def test_non_finite_and_out_of_range_values_are_refused_with_the_reason(key, value, message):
+  config = _digits()
+  section, name = key.split('.')
+  with config.unlocked():
+    config[section][name] = value
+    if key == 'training.sigma_max':
+      config.sampling.sigmas = (min(value, 80.0),)
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    config_checks.validate(config)
+
+
+def test_the_sigma_bound_keeps_the_papers_values():
+  config = _digits()
+  config.training.sigma_max = 16000.0  # just under the bound (papers: 80)
+  config_checks.validate(config)

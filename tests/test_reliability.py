@@ -27,6 +27,7 @@ from immiscible_jax import models
 from immiscible_jax import preemption
 from immiscible_jax import train
 from immiscible_jax import train_state
+import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 _OVERRIDES = {'training.num_steps': 1000, 'training.log_every_steps': 2, 'checkpoint.every_steps': 4,
@@ -304,3 +305,17 @@ def test_processes_agree_on_the_stop_step(monkeypatch):
   flags[1].signalled = True
   answers = [[f.should_stop(step) for f in flags] for step in range(1, 11)]
   assert answers == [[False, False]] * 4 + [[True, True]] + [[False, False]] * 4 + [[True, True]]
+
+
+def test_sample_and_eval_do_not_apply_the_training_device_check(reference, tmp_path, monkeypatch, capfd):
+  """Issue 21, case 11: the run trained batch 16 on 8 devices; sampling it where 6 devices are seen must work,
+  since sampling never uses training.batch_size (training there is still refused)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  monkeypatch.setattr(jax, 'device_count', lambda *args: 6)
+  assert command_line.run_cli([f'--workdir={workdir}', '--mode=sample']) == 0, capfd.readouterr()
+  assert os.path.exists(os.path.join(workdir, 'samples', f'step_{_END}_1step', 'grid.png'))
+  capfd.readouterr()
+  code = command_line.run_cli(['--config=configs/tiny.py', f'--workdir={workdir}'])
+  command_line.assert_one_line_error(code, ''.join(capfd.readouterr()),
+                                     'must be divisible by the number of devices (6)')

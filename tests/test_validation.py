@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -18,8 +17,8 @@ import pytest
 
 from configs import tiny
 from immiscible_jax import errors
-from immiscible_jax import main as cli
 from immiscible_jax import train
+import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 # Lowering a function to MLIR and compiling it: neither may happen before a bad input is reported.
@@ -171,26 +170,8 @@ _BAD_COMMAND_LINES = {
 _TINY = os.path.join(_ROOT, 'configs', 'tiny.py')
 
 
-def _run_cli(argv):
-  """The command line in this process: main's flag parser, then main; returns the exit status."""
-  argv = ['main', *argv]
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:  # a previous run's --config.KEY flags
-    delattr(flags.FLAGS, name)
-  saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the --config.KEY overrides from sys.argv
-  try:
-    cli.main(cli._parse_flags(argv))  # pylint: disable=protected-access
-  except SystemExit as e:
-    return e.code
-  finally:
-    sys.argv = saved_argv
-  return 0
-
-
-def _assert_one_line_error(code, output, key):
-  assert code == 2, output
-  assert output.startswith('error: ') and output.endswith('\n') and output.count('\n') == 1, output
-  assert key in output and len(output) < 400 and 'Traceback' not in output, output
+_run_cli = command_line.run_cli
+_assert_one_line_error = command_line.assert_one_line_error
 
 
 @pytest.mark.parametrize('name', list(_BAD_COMMAND_LINES))
