@@ -18,6 +18,7 @@ from immiscible_jax import evaluation
 from immiscible_jax import lpips
 from immiscible_jax import models
 from immiscible_jax import replicas
+from immiscible_jax import resume_rules
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'default.py')
 
@@ -28,16 +29,6 @@ OPTIMIZERS = ('adam', 'radam')
 # noise draw) is 4 sigma 2^-23; above 2^22 / 255 that spacing exceeds one 8-bit pixel step (2/255 for images in
 # [-1, 1]), so the noisiest inputs carry no image at all (sigma_max = 1e30 trained with grad_norm 0).
 SIGMA_MAX_BOUND = 2.0 ** 22 / 255
-
-# Keys whose change makes a saved run a different experiment (shapes or semantics): refuse to resume.
-_RESUME_FIXED = ('seed', 'data.dataset', 'data.path', 'data.image_size', 'data.channels', 'data.split',
-                 'model.', 'training.recipe', 'training.batch_size', 'training.loss', 'training.lpips_resolution',
-                 'training.sigma_',
-                 'training.rho', 'optim.optimizer', 'assignment.method', 'assignment.cost', 'assignment.scope')
-# Keys of the training schedule: resuming with other values needs --allow_schedule_change.
-RESUME_SCHEDULE = ('training.num_steps', 'training.s0', 'training.s1', 'training.mu0', 'training.p_mean',
-                   'training.p_std', 'training.huber_c')
-
 
 def default_config():
   spec = importlib.util.spec_from_file_location('immiscible_jax_default_config', _DEFAULT_CONFIG)
@@ -180,24 +171,6 @@ def validate(config, for_training=True):
 
 
 def check_resume_compatible(saved, config, allow_schedule_change=False):
-  """Refuses to resume when a shape- or semantics-changing key differs from the saved run's config, or (unless
-  allow_schedule_change) a key of the training schedule: those move N(k), mu(k) or the loss under the run."""
-  old, new = flatten(saved), flatten(config.to_dict())
-  norm = lambda v: list(v) if isinstance(v, tuple) else v
-  changed = lambda prefixes: sorted(k for k in set(old) | set(new)
-                                    if k.startswith(prefixes) and norm(old.get(k)) != norm(new.get(k)))
-  describe = lambda keys: ', '.join(f'{k} (saved {old.get(k)!r}, now {new.get(k)!r})' for k in keys)
-  differing = changed(_RESUME_FIXED)
-  # Switching clipping on or off adds or removes a stage of the optimizer state (its value alone is harmless).
-  if (old.get('optim.grad_clip', 0) > 0) != (new.get('optim.grad_clip', 0) > 0):
-    differing = sorted(differing + ['optim.grad_clip'])
-  if differing:
-    raise errors.ConfigError(f'cannot resume: the workdir holds a run whose config differs in keys that change '
-                             f'the experiment: {describe(differing)}; use a new --workdir, or restore these values')
-  schedule = changed(RESUME_SCHEDULE)
-  if schedule and not allow_schedule_change:
-    raise errors.ConfigError(
-        f'cannot resume: {describe(schedule)}: the noise-level curriculum N(k), the target EMA mu(k) and the '
-        'loss follow these keys, so changing them mid-run changes the experiment from this step on; restore the '
-        'saved values, or pass --allow_schedule_change to continue with the new ones deliberately (the way to '
-        'extend a finished run: raise training.num_steps and pass it)')
+  """Refuses to resume when a shape or experiment key differs from the saved run's config, or (unless
+  allow_schedule_change) a schedule key; resume_rules.RULES classifies every key."""
+  resume_rules.check(saved, config.to_dict(), default_config().to_dict(), allow_schedule_change)

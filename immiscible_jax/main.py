@@ -6,8 +6,10 @@ r"""Entry point: train, sample or evaluate a consistency model from a config fil
   python -m immiscible_jax.main --workdir=/tmp/run --mode=eval [--samples=PATH]
 
 sample and eval rebuild the run from the config saved with its checkpoint (saved_config.py); a --config given
-there may change sampling.*, eval.* and moved data paths only. Resuming with changed schedule keys
-(training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c) is refused unless --allow_schedule_change.
+there may change sampling.*, eval.* and moved data paths only. Resuming with a changed experiment key is
+refused, and with a changed schedule key (training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c,
+optim.learning_rate, warmup_steps) unless --allow_schedule_change (immiscible_jax/resume_rules.py classifies every
+key).
 
 --workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there.
 
@@ -39,7 +41,8 @@ flags.DEFINE_integer('step', None, 'sample / eval: checkpoint step (default: the
 flags.DEFINE_string('samples', None, 'eval: a .npz or a directory of shards (default: fresh samples).')
 flags.DEFINE_bool('traceback', False, 'On a config or input error, show the Python traceback, not one line.')
 flags.DEFINE_bool('allow_schedule_change', False, 'train: resume although a schedule key (training.num_steps, '
-                  's0, s1, mu0, p_mean, p_std, huber_c) differs from the saved run, e.g. to extend it.')
+                  's0, s1, mu0, p_mean, p_std, huber_c, optim.learning_rate, warmup_steps; docs/reliability.md '
+                  'lists every key) differs from the saved run, e.g. to extend it.')
 flags.mark_flags_as_required(['workdir'])
 
 

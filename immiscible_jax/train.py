@@ -227,8 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   evaluator: (host TrainState, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
   and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
-  schedules still follow training.num_steps. allow_schedule_change: resume even if a key of
-  config_checks.RESUME_SCHEDULE changed (e.g. a raised training.num_steps). Returns the final host TrainState.
+  schedules still follow training.num_steps. allow_schedule_change: resume even if a schedule key
+  (resume_rules.RULES) changed (e.g. a raised training.num_steps). Returns the final host TrainState.
 
   Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
   k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
