@@ -86,6 +86,7 @@ def _run(config):
   from immiscible_jax import config_checks, errors, storage  # pylint: disable=g-import-not-at-top
   # Orbax wants absolute paths; URLs such as gs://bucket/run stay as they are (and get no local folder).
   workdir = storage.abspath(FLAGS.workdir)
+  storage.check_no_glob_characters(workdir, '--workdir')  # before anything is created or trained
   if FLAGS.mode == 'train':
     if config is None:
       raise errors.ConfigError('--config: required for --mode=train (e.g. --config=configs/digits.py)')

@@ -24,6 +24,14 @@ import posixpath
 from etils import epath
 import numpy as np
 
+from immiscible_jax import errors
+
+# Characters that Orbax's checkpoint code would read as a pattern in a workdir: it globs paths under the workdir
+# through etils' epath.glob, which joins the folder and the pattern unescaped (Python's glob locally, fsspec's for
+# gs://). With `[1]` in the folder the per-process array index was never merged and no checkpoint read back; `*`
+# and `?` can match another run's folders.
+GLOB_CHARACTERS = '[]*?'
+
 
 def default_cache_dir():
   """Where converted weights, reference statistics and decoded images are cached: $IMMISCIBLE_JAX_CACHE (a folder
@@ -53,6 +61,16 @@ def abspath(path):
   """A local path made absolute; a URL unchanged."""
   path = os.fspath(path)
   return path if is_remote(path) else os.path.abspath(path)
+
+
+def check_no_glob_characters(path, what):
+  """Raises errors.ConfigError naming `what` (e.g. '--workdir') when `path` holds a GLOB_CHARACTERS character."""
+  found = [c for c in GLOB_CHARACTERS if c in os.fspath(path)]
+  if found:
+    raise errors.ConfigError(
+        f'{what}={os.fspath(path)!r}: contains {" ".join(found)}, which Orbax\'s checkpoint code reads as a glob '
+        'pattern (its checkpoints would not read back, or another folder would be read); choose a path without '
+        f'{" ".join(GLOB_CHARACTERS)}')
 
 
 def basename(path):

@@ -304,6 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     manager.wait_until_finished()
     writer.close()
     flag.uninstall()
+  final = layout.host(d_state)
   if step == tcfg.num_steps:
+    checkpointing.verify_readable(manager, step, final)  # done.json only for a run whose end can be restored
     _write_json(workdir, 'done.json', json.dumps({'step': step}))
-  return layout.host(d_state)
+  return final

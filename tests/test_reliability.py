@@ -319,3 +319,19 @@ def test_sample_and_eval_do_not_apply_the_training_device_check(reference, tmp_p
   code = command_line.run_cli(['--config=configs/tiny.py', f'--workdir={workdir}'])
   command_line.assert_one_line_error(code, ''.join(capfd.readouterr()),
                                      'must be divisible by the number of devices (6)')
+
+
+def test_done_json_is_written_only_when_the_final_checkpoint_reads_back(tmp_path, monkeypatch):
+  """Issue 21, case 1: with `[1]` in the workdir Orbax skipped the merge of its per-process array index (a warning
+  only), so no checkpoint read back, yet the run wrote done.json. The same failure is injected here by skipping
+  that merge; the run must stop without done.json, naming the step."""
+  from orbax.checkpoint._src.serialization import ocdbt_utils  # pylint: disable=g-import-not-at-top
+
+  async def skip_merge(*args, **kwargs):
+    del args, kwargs
+
+  monkeypatch.setattr(ocdbt_utils, 'merge_ocdbt_per_process_files', skip_merge)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'final checkpoint \(step 4\) does not read back'):
+    train.train_and_evaluate(_config(**{'training.num_steps': 4}), workdir)
+  assert _steps(workdir) == [4] and not os.path.exists(os.path.join(workdir, 'done.json'))

@@ -199,3 +199,13 @@ def test_bad_command_line_in_a_fresh_process_prints_only_that_line(name, tmp_pat
                         timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   _assert_one_line_error(done.returncode, done.stdout + done.stderr, key)
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('name', ['run [1]', 'run[ab]', 'run*', 'run?'])
+def test_a_workdir_that_orbax_would_glob_is_refused_before_anything(name, tmp_path, capfd, compilations):
+  """Issue 21, case 1: Orbax's checkpoint code globs paths under the workdir (etils' epath.glob does not escape the
+  folder), so `[1]` lost every checkpoint of a run that exited 0; `*` and `?` can match another run's folders."""
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / name}'])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, '--workdir')
+  assert not compilations and not os.path.exists(tmp_path / name)
