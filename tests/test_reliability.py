@@ -335,3 +335,38 @@ def test_done_json_is_written_only_when_the_final_checkpoint_reads_back(tmp_path
   with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'final checkpoint \(step 4\) does not read back'):
     train.train_and_evaluate(_config(**{'training.num_steps': 4}), workdir)
   assert _steps(workdir) == [4] and not os.path.exists(os.path.join(workdir, 'done.json'))
+
+
+def test_sample_and_eval_fall_back_past_a_corrupt_newest_meta_saying_which_step(reference, tmp_path, capfd):
+  """Issue 21, case 8: training fell back past a corrupt meta/metadata, --mode=sample and --mode=eval ended in a
+  JSONDecodeError traceback."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  with open(os.path.join(workdir, 'checkpoints', str(_END), 'meta', 'metadata'), 'w') as f:
+    f.write('{"config": {"seed"')
+  for mode in ('sample', 'eval'):
+    capfd.readouterr()
+    assert command_line.run_cli([f'--workdir={workdir}', f'--mode={mode}']) == 0, capfd.readouterr()
+    out = ''.join(capfd.readouterr())
+    assert f'checkpoint at step {_END} is unreadable' in out and 'Traceback' not in out, out
+  assert os.path.exists(os.path.join(workdir, 'samples', 'step_8_1step', 'grid.png'))
+  assert [n for n in os.listdir(workdir) if n.startswith('eval_8_')]
+
+
+def test_evaluations_of_one_step_keep_every_metric_and_flag_small_sample_sets(reference, tmp_path):
+  """Issue 21, case 5: a second metric of the same step replaced the first's eval_<step>.json; an FD on fewer
+  samples than feature dimensions carried no warning."""
+  from immiscible_jax import evaluators  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  small = _config(**{'eval.num_samples': 16})  # 16 samples of 8x8x1 = 64 pixel features
+  pooled = _config(**{'eval.num_samples': 128, 'eval.pixel_downsample': 2})  # 128 samples, 16 features
+  first, second = evaluators.evaluate(small, workdir), evaluators.evaluate(pooled, workdir)
+  written = sorted(n for n in os.listdir(workdir) if n.startswith('eval_'))
+  assert len(written) == 2, written
+  by_extractor = {json.load(open(os.path.join(workdir, n)))['extractor']: n for n in written}
+  assert set(by_extractor) == {'pixels_ds1', 'pixels_ds2'}
+  assert json.load(open(os.path.join(workdir, by_extractor['pixels_ds1'])))['eval/fd_pixels'] == \
+      first['eval/fd_pixels']
+  assert '16 samples' in first['warning'] and '64 feature dimensions' in first['warning']
+  assert 'warning' not in second

@@ -147,7 +147,7 @@ def test_sample_and_eval_write_their_outputs_to_the_bucket(trained):
   assert f'{samples}/samples_00000-of-00001.npz' in sample_out
   assert storage.load_npz(f'{samples}/samples_00000-of-00001.npz')['images'].shape == (16, 8, 8, 1)
   assert storage.read_bytes(f'{samples}/grid.png')[:8] == b'\x89PNG\r\n\x1a\n'
-  result = json.loads(storage.read_text(f'{WORKDIR}/eval_8.json'))
+  result = json.loads(storage.read_text(f'{WORKDIR}/eval_8_pixels_ds1.json'))
   assert result['step'] == 8 and np.isfinite(result['eval/fd_pixels']) and result['num_samples'] == 64
   assert json.dumps(result) in eval_out
   assert [n for n in storage.listdir(f'{cache}/stats') if n.startswith('digits_train_8px_n256')]
