@@ -74,11 +74,30 @@ def main(argv):
   # Imported after initialize(): nothing may touch the backend before it.
   from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
   try:
-    _run(FLAGS.config)
+    _run(_loaded(FLAGS.config))
   except errors.ConfigError as e:
     if FLAGS.traceback:
       raise
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    full = errors.disk_full_message(e)
+    if full is None or FLAGS.traceback:
+      raise
+    _fail(full)
+
+
+def _loaded(config):
+  """The --config, or a ConfigError naming the file: ml_collections reports a file that did not load (a wrong
+  path, an import error in it) only when the config is first read, with a 40-line traceback."""
+  from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    config is None or config.get('seed')  # pylint: disable=expression-not-assigned
+  except OSError as e:
+    cause = e.__cause__ or e
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    raise errors.ConfigError(f'--config={config_flags.get_config_filename(FLAGS["config"])}: cannot load the config '
+                             f'file ({lines[-1] if lines else type(cause).__name__})') from e
+  return config
 
 
 def _run(config):
@@ -97,7 +116,17 @@ def _run(config):
   # Before the heavier imports below, and before anything compiles.
   config_checks.validate(config, for_training=FLAGS.mode == 'train')
   from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  created = not storage.exists(workdir)
   storage.makedirs(workdir)
+  try:
+    _run_mode(config, workdir, evaluators, train)
+  except errors.ConfigError:
+    if created and not storage.is_remote(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a refused run leaves no empty workdir behind
+    raise
+
+
+def _run_mode(config, workdir, evaluators, train):
   if FLAGS.mode == 'train':
     evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
     train.train_and_evaluate(config, workdir, evaluator=evaluator, allow_schedule_change=FLAGS.allow_schedule_change)

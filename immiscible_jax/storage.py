@@ -132,8 +132,13 @@ def write_bytes(path, data, atomic=False):
     return
   makedirs(os.path.dirname(path) or '.')
   target = f'{path}.{os.getpid()}.tmp' if atomic else path
-  with open(target, 'wb') as f:
-    f.write(data)
+  try:
+    with open(target, 'wb') as f:
+      f.write(data)
+  except BaseException:
+    if atomic and os.path.exists(target):  # a full disk must not leave a 0-byte temporary file behind
+      os.remove(target)
+    raise
   if atomic:
     os.replace(target, path)
 
