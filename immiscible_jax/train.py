@@ -255,9 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                              f'multiple of {k}; resume with a value that divides {step}')
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
-  note = cpu_scan_note(config, jax.default_backend())
-  if note:
-    writer.log(note)
+  for note in (cpu_scan_note(config, jax.default_backend()), assignment.problem_size_note(config, jax.device_count())):
+    if note:
+      writer.log(note)
   layout = replicas.create_layout(config.parallel.mode)
   data_iter = start_stream(step)
   # The next dispatch's k batches are read and put on the devices while this one runs.
