@@ -11,7 +11,8 @@ refused, and with a changed schedule key (training.num_steps, s0, s1, mu0, p_mea
 optim.learning_rate, warmup_steps) unless --allow_schedule_change (immiscible_jax/resume_rules.py classifies every
 key).
 
---workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there.
+--workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there. One trainer
+runs per workdir (immiscible_jax/workdir_lock.py): a second one is refused, naming the first.
 
 Bad input (a config value, a data folder, a flag) ends in one line on stderr, `error: <key>: <what is wrong>`,
 and exit status 2; with --traceback the error is raised instead, with its Python traceback.
@@ -128,8 +129,11 @@ def _run(config):
 
 def _run_mode(config, workdir, evaluators, train):
   if FLAGS.mode == 'train':
-    evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
-    train.train_and_evaluate(config, workdir, evaluator=evaluator, allow_schedule_change=FLAGS.allow_schedule_change)
+    from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    with workdir_lock.hold(workdir):  # one trainer per workdir; a second one is refused before it touches it
+      evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
+      train.train_and_evaluate(config, workdir, evaluator=evaluator,
+                               allow_schedule_change=FLAGS.allow_schedule_change)
   elif FLAGS.mode == 'sample':
     evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:

@@ -105,7 +105,10 @@ def save_samples(images_uint8, out_dir, shard_size=10000, prefix='samples', info
 
 
 def _remove_sample_set(out_dir):
-  names = storage.listdir(out_dir)
+  try:
+    names = storage.listdir(out_dir)
+  except FileNotFoundError:  # a bucket has no empty folders: nothing there yet
+    return
   if MANIFEST in names:
     storage.remove(storage.join(out_dir, MANIFEST))
   for name in names:

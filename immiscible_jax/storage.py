@@ -183,6 +183,58 @@ def remove(path):
     os.remove(path)
 
 
+def _bucket_object(path):
+  """(gcsfs filesystem, bucket, object name) of a gs:// URL: the conditional requests below need GCS itself."""
+  import fsspec  # pylint: disable=g-import-not-at-top  # gcsfs registers 'gs'
+  path = os.fspath(path)
+  if not path.startswith('gs://'):
+    raise ValueError(f'{path}: conditional object writes need a gs:// URL')
+  fs = fsspec.filesystem('gs')
+  bucket, name, _ = fs.split_path(path)
+  return fs, bucket, name
+
+
+def create_if_absent(path, data):
+  """gs:// only: writes a new object and returns its generation, or returns None when an object is there already.
+  One request with the precondition ifGenerationMatch=0, so of two writers exactly one creates it."""
+  fs, bucket, name = _bucket_object(path)
+  try:
+    fs.pipe_file(path, data, mode='create')
+  except FileExistsError:  # 412 Precondition Failed
+    return None
+  fs.invalidate_cache(path)
+  return read_with_generation(path)[1]
+
+
+def read_with_generation(path):
+  """gs:// only: (bytes, generation) of an object, or (None, None) when there is none; the generation is that of
+  the bytes returned (read again if the object was replaced in between)."""
+  fs, bucket, name = _bucket_object(path)
+  for _ in range(5):
+    fs.invalidate_cache(path)
+    try:
+      before = str(fs.info(path)['generation'])
+      data = fs.cat_file(path)
+      fs.invalidate_cache(path)
+      if str(fs.info(path)['generation']) == before:
+        return data, before
+    except FileNotFoundError:
+      return None, None
+  raise OSError(f'{path}: the object kept changing while it was read')
+
+
+def remove_if_generation(path, generation):
+  """gs:// only: deletes the object if its generation is still `generation`; returns whether it did."""
+  fs, bucket, name = _bucket_object(path)
+  try:
+    fs.call('DELETE', 'b/{}/o/{}', bucket, name, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):  # 412: replaced since; 404: already gone
+    return False
+  finally:
+    fs.invalidate_cache(path)
+  return True
+
+
 def save_npz(path, atomic=True, **arrays):
   """np.savez to a local path or a URL (atomic by default: caches must never be read half-written)."""
   buffer = io.BytesIO()

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -370,3 +371,71 @@ def test_evaluations_of_one_step_keep_every_metric_and_flag_small_sample_sets(re
       first['eval/fd_pixels']
   assert '16 samples' in first['warning'] and '64 feature dimensions' in first['warning']
   assert 'warning' not in second
+
+
+# `python -c` program: immiscible_jax.main, waiting for a line on stdin when it is about to train (after main's
+# checks, and the workdir lock), so that a second trainer can be started on the same workdir meanwhile.
+_WAIT_BEFORE_TRAINING_MAIN = """
+import runpy, sys
+from immiscible_jax import train
+real = train.train_and_evaluate
+def waiting(*args, **kwargs):
+  print('test: about to train', flush=True)
+  sys.stdin.readline()
+  return real(*args, **kwargs)
+train.train_and_evaluate = waiting
+runpy.run_module('immiscible_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_in_one_line_and_the_first_finishes(tmp_path):
+  """Issue 21, case 3: two trainers on one workdir both crashed with long tracebacks, and metrics.jsonl held
+  rows of both. The second must be refused naming the first, which finishes untouched."""
+  workdir = str(tmp_path / 'run')
+  args = ['--config=configs/tiny.py', f'--workdir={workdir}', '--config.training.num_steps=4',
+          '--config.training.log_every_steps=2', '--config.checkpoint.every_steps=4']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}  # XLA_FLAGS: conftest.py's
+  first = subprocess.Popen([sys.executable, '-c', _WAIT_BEFORE_TRAINING_MAIN, *args], cwd=_ROOT, env=env, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  timer = threading.Timer(_WATCHDOG_S, first.kill)
+  timer.daemon = True
+  timer.start()
+  _read_until(first, r'^test: about to train')
+  second = subprocess.run([sys.executable, '-m', 'immiscible_jax.main', *args], cwd=_ROOT, env=env, text=True,
+                          capture_output=True, timeout=_WATCHDOG_S)
+  first.stdin.write('go\n')
+  first.stdin.flush()
+  out, _ = first.communicate(timeout=_WATCHDOG_S)
+  assert first.returncode == 0, out
+  refusal = second.stdout + second.stderr
+  assert second.returncode == 2 and refusal.count('\n') == 1, refusal
+  assert refusal.startswith(f'error: --workdir={workdir}: another trainer is running in it (host '
+                            f'{socket.gethostname()}, pid {first.pid}, since '), refusal
+  assert json.load(open(os.path.join(workdir, 'done.json'))) == {'step': 4}
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [2, 4]  # the first trainer's rows only
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
+
+
+def _dead_pid():
+  proc = subprocess.Popen(['true'])
+  proc.wait()  # reaped: its pid runs nothing now
+  return proc.pid
+
+
+def test_a_local_lock_is_exclusive_and_one_left_by_a_killed_run_is_taken_over(tmp_path):
+  from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  messages = []
+  with workdir_lock.hold(str(tmp_path), log=messages.append):
+    owner = json.load(open(tmp_path / 'lock.json'))
+    assert owner['pid'] == os.getpid() and owner['host'] == socket.gethostname() and owner['since']
+    with pytest.raises(errors.ConfigError, match=rf'another trainer is running in it \(host .*, pid {os.getpid()},'):
+      with workdir_lock.hold(str(tmp_path)):
+        pass
+  assert not os.path.exists(tmp_path / 'lock.json') and not messages
+  # A killed run leaves its lock.json, but not its flock (the kernel drops it): taken over, saying whose it was.
+  dead = _dead_pid()
+  (tmp_path / 'lock.json').write_text(json.dumps({'host': 'elsewhere', 'pid': dead, 'since': 'then'}))
+  with workdir_lock.hold(str(tmp_path), log=messages.append):
+    assert json.load(open(tmp_path / 'lock.json'))['pid'] == os.getpid()
+  assert len(messages) == 1 and f'pid {dead}' in messages[0] and 'took over' in messages[0]
