@@ -30,6 +30,7 @@ OPTIMIZERS = ('adam', 'radam')
 # [-1, 1]), so the noisiest inputs carry no image at all (sigma_max = 1e30 trained with grad_norm 0).
 SIGMA_MAX_BOUND = 2.0 ** 22 / 255
 
+
 def default_config():
   spec = importlib.util.spec_from_file_location('immiscible_jax_default_config', _DEFAULT_CONFIG)
   module = importlib.util.module_from_spec(spec)

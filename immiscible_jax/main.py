@@ -91,8 +91,10 @@ def _loaded(config):
   """The --config, or a ConfigError naming the file: ml_collections reports a file that did not load (a wrong
   path, an import error in it) only when the config is first read, with a 40-line traceback."""
   from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
+  if config is None:
+    return None
   try:
-    config is None or config.get('seed')  # pylint: disable=expression-not-assigned
+    config.get('seed')  # the first read: raises for a file that did not load
   except OSError as e:
     cause = e.__cause__ or e
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]

@@ -125,10 +125,13 @@ def read_manifest(sample_dir):
         'written by --mode=sample; write it again with --mode=sample')
   try:
     manifest = json.loads(storage.read_text(path))
-    [(s['name'], s['num_samples']) for s in manifest['shards']]  # pylint: disable=expression-not-assigned
-    int(manifest['num_samples'])
+    well_formed = isinstance(manifest['num_samples'], int) and all(
+        isinstance(s['name'], str) and isinstance(s['num_samples'], int) for s in manifest['shards'])
   except (ValueError, KeyError, TypeError) as e:
-    raise errors.ConfigError(f'--samples={sample_dir}: {MANIFEST} is unreadable ({type(e).__name__}: {e})') from e
+    well_formed, manifest = False, f'{type(e).__name__}: {e}'
+  if not well_formed:
+    raise errors.ConfigError(f'--samples={sample_dir}: {MANIFEST} is unreadable ({str(manifest)[:200]}); write the '
+                             'set again with --mode=sample')
   return manifest
 
 

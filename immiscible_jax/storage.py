@@ -14,6 +14,10 @@ Object stores differ from a disk in three ways that callers see here:
     rewritten at each flush (metric_writer.py). GCS also allows about one write per second to one object, so such
     flushes are spaced out.
 
+Two more rules: a workdir may not contain the glob characters [ ] * ? (Orbax globs under it; see
+GLOB_CHARACTERS), and create_if_absent / read_with_generation / remove_if_generation give a bucket the one atomic
+create-if-absent the workdir lock needs (GCS generation preconditions; locally the lock uses flock instead).
+
 Tests: tests/test_storage.py runs the trainer, sampling, evaluation, launch.sweep and launch.report against
 gcp-storage-emulator (a GCS JSON-API server on localhost), with the environment variables of `emulator_env`.
 """

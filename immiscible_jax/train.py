@@ -255,7 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                              f'multiple of {k}; resume with a value that divides {step}')
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
-  for note in (cpu_scan_note(config, jax.default_backend()), assignment.problem_size_note(config, jax.device_count())):
+  notes = (cpu_scan_note(config, jax.default_backend()), assignment.problem_size_note(config, jax.device_count()))
+  for note in notes:
     if note:
       writer.log(note)
   layout = replicas.create_layout(config.parallel.mode)

@@ -174,6 +174,9 @@ def _agreed(acquire):
       release = acquire()
     except errors.ConfigError as e:
       refusal = str(e)
+    except Exception as e:  # the others must not wait for an answer that never comes
+      client.key_value_set(key, f'refused: process 0 could not take the workdir lock ({type(e).__name__}: {e})')
+      raise
     client.key_value_set(key, 'refused: ' + refusal if refusal else 'held')
   else:
     answer = client.blocking_key_value_get(key, _AGREEMENT_TIMEOUT_MS)
