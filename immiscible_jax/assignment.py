@@ -74,6 +74,20 @@ def validate_config(assignment_config):
     _check(_is_number(c[key]) and c[key] > 0, key, 'a positive number', c[key])
 
 
+def problem_size_note(config, device_count):
+  """A start-up line when a permutation method solves problems of one image each (local scope, one image per
+  device): it can only keep the noise as drawn (reduction 0%). None otherwise."""
+  method, scope = config.assignment.method, config.assignment.scope
+  size = config.training.batch_size // (device_count if scope == 'local' else 1)
+  if method not in PERMUTATION_METHODS or size > 1:
+    return None
+  fixes = ['assignment.scope=global (one problem over the whole batch)'] if config.training.batch_size > 1 else []
+  fixes.append("assignment.method=knn (nearest of knn_k fresh draws per image)")
+  return (f'note: assignment.method={method} with assignment.scope={scope} solves one image per assignment '
+          f'problem (training.batch_size={config.training.batch_size} over {device_count} device(s)), so it leaves '
+          f'the noise as drawn (reduction 0%); use {" or ".join(fixes)}')
+
+
 def cost_matrix(images, noise, cost, dtype):
   """[B, B] float32 cost between flattened images (rows) and noise (columns), from dtype-quantised inputs."""
   x = images.reshape(images.shape[0], -1).astype(dtype)

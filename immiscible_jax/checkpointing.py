@@ -24,7 +24,12 @@ from immiscible_jax import errors
 from immiscible_jax import storage
 
 
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint just written does not read back: the run must not be marked done."""
+
+
 def create_manager(workdir, ckpt_config, read_only=False):
+  storage.check_no_glob_characters(workdir, '--workdir')
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_config.max_to_keep, create=not read_only, read_only=read_only,
       # Interval is decided by the trainer (it also saves on preemption and at the end).
@@ -128,6 +133,19 @@ def _agree(candidate, outcome, result, why):
     return _READ, result, ''
   failed = np.flatnonzero(outcomes != _READ).tolist()
   return _UNREADABLE, None, why or f'unreadable on process(es) {failed}'
+
+
+def verify_readable(manager, step, state):
+  """Reads `step` back from disk (meta, arrays, and their CRC-32s against `state`'s as saved); raises
+  UnreadableCheckpointError if any process cannot. Every process must call it (the outcome is agreed)."""
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  outcome, meta, why = _agree(step, *_probe_step(manager, step, None))
+  if outcome == _READ:
+    outcome, _, why = _agree(step, *_read_step(manager, step, abstract, meta))
+  if outcome != _READ:
+    raise UnreadableCheckpointError(
+        f'the final checkpoint (step {step}) does not read back from {manager.directory} ({why}); done.json is '
+        'not written. Check the storage (free space, permissions) and rerun the same command to resume')
 
 
 def restore(manager, abstract_state, step=None, log=logging.warning, check_meta=None):

@@ -5,6 +5,7 @@ module validates its knobs (data, model, assignment, evaluation); this module ch
 configs/default.py, the types, and the cross-section constraints.
 """
 import difflib
+import math
 
 import jax
 
@@ -15,19 +16,15 @@ from immiscible_jax import evaluation
 from immiscible_jax import lpips
 from immiscible_jax import models
 from immiscible_jax import replicas
+from immiscible_jax import resume_rules
 
 RECIPES = ('ct', 'ict')
 LOSSES = ('l2', 'l1', 'pseudo_huber', 'lpips')
 OPTIMIZERS = ('adam', 'radam')
-
-# Keys whose change makes a saved run a different experiment (shapes or semantics): refuse to resume.
-_RESUME_FIXED = ('seed', 'data.dataset', 'data.path', 'data.image_size', 'data.channels', 'data.split',
-                 'model.', 'training.recipe', 'training.batch_size', 'training.loss', 'training.lpips_resolution',
-                 'training.sigma_',
-                 'training.rho', 'optim.optimizer', 'assignment.method', 'assignment.cost', 'assignment.scope')
-# Keys of the training schedule: resuming with other values needs --allow_schedule_change.
-RESUME_SCHEDULE = ('training.num_steps', 'training.s0', 'training.s1', 'training.mu0', 'training.p_mean',
-                   'training.p_std', 'training.huber_c')
+# Largest usable training.sigma_max: the noisy input x + sigma z is float32, whose spacing near 4 sigma (a 4-sigma
+# noise draw) is 4 sigma 2^-23; above 2^22 / 255 that spacing exceeds one 8-bit pixel step (2/255 for images in
+# [-1, 1]), so the noisiest inputs carry no image at all (sigma_max = 1e30 trained with grad_norm 0).
+SIGMA_MAX_BOUND = 2.0 ** 22 / 255
 
 
 def default_config():
@@ -79,9 +76,18 @@ def _check_keys_and_types(config):
       ok = isinstance(value, type(ref))
     _require(ok, key, f'must be of type {type(ref).__name__} (like its default {ref!r}), got {value!r} of type '
              f'{type(value).__name__}')
+    _check_finite(key, value)
 
 
-def _check_training(config):
+def _check_finite(key, value):
+  """inf and nan pass every range check written as a comparison that fails (nan) or are in range (inf > 0):
+  refused here, for every number of the config."""
+  for item in value if isinstance(value, (tuple, list)) else (value,):
+    if isinstance(item, float) and not math.isfinite(item):
+      _fail(key, f'must be a finite number, got {item}')
+
+
+def _check_training(config, for_training):
   t = config.training
   _require(t.recipe in RECIPES, 'training.recipe', f'got {t.recipe!r}', errors.allowed_values(RECIPES))
   _require(t.loss in LOSSES, 'training.loss', f'got {t.loss!r}', errors.allowed_values(LOSSES))
@@ -94,15 +100,23 @@ def _check_training(config):
     _require(getattr(t, key) > 0, f'training.{key}', f'must be positive, got {getattr(t, key)!r}')
   _require(0 < t.sigma_min < t.sigma_max, 'training.sigma_min',
            f'must lie in (0, training.sigma_max), got {t.sigma_min} with training.sigma_max = {t.sigma_max}')
+  _require(t.sigma_max <= SIGMA_MAX_BOUND, 'training.sigma_max',
+           f'must be at most {SIGMA_MAX_BOUND:.0f}, got {t.sigma_max}: above that, float32 cannot hold one 8-bit '
+           'pixel step next to a 4-sigma noise draw in x + sigma z, so the noisiest inputs carry no image (the '
+           'papers use 80)')
   _require(t.s0 <= t.s1, 'training.s0', f'{t.s0} exceeds training.s1 ({t.s1})')
   _require(0 < t.mu0 < 1, 'training.mu0', f'must lie in (0, 1), got {t.mu0}')
   _require(0 <= t.ema_rate < 1, 'training.ema_rate', f'must lie in [0, 1), got {t.ema_rate}')
   for key in ('p_std', 'sigma_data', 'rho'):
     _require(getattr(t, key) > 0, f'training.{key}', f'must be positive, got {getattr(t, key)!r}')
-  devices = jax.device_count()
+  _require(t.grad_accum_steps > 0, 'training.grad_accum_steps', f'must be positive, got {t.grad_accum_steps!r}')
+  if for_training:  # sampling and evaluation never use the training batch: a run may be sampled on any machine
+    _check_batch_fits_devices(t, jax.device_count())
+
+
+def _check_batch_fits_devices(t, devices):
   _require(t.batch_size % devices == 0, 'training.batch_size',
            f'{t.batch_size} must be divisible by the number of devices ({devices})')
-  _require(t.grad_accum_steps > 0, 'training.grad_accum_steps', f'must be positive, got {t.grad_accum_steps!r}')
   _require(t.batch_size % (devices * t.grad_accum_steps) == 0, 'training.grad_accum_steps',
            f'training.batch_size ({t.batch_size}) must divide into {devices} devices x {t.grad_accum_steps} '
            'equal micro-batches')
@@ -139,11 +153,12 @@ def _check_optim_sampling_checkpoint(config):
   _require(c.max_to_keep > 0, 'checkpoint.max_to_keep', f'must be positive, got {c.max_to_keep}')
 
 
-def validate(config):
+def validate(config, for_training=True):
   """Raises errors.ConfigError naming the first bad key; cheap (no compilation, no data read). Each section's
-  own module checks its section."""
+  own module checks its section. for_training=False (--mode=sample|eval) skips what only the training step needs:
+  a batch size that splits over this machine's devices."""
   _check_keys_and_types(config)
-  _check_training(config)
+  _check_training(config, for_training)
   _check_optim_sampling_checkpoint(config)
   _check_dispatch(config)
   data.validate_config(config.data)
@@ -153,24 +168,6 @@ def validate(config):
 
 
 def check_resume_compatible(saved, config, allow_schedule_change=False):
-  """Refuses to resume when a shape- or semantics-changing key differs from the saved run's config, or (unless
-  allow_schedule_change) a key of the training schedule: those move N(k), mu(k) or the loss under the run."""
-  old, new = flatten(saved), flatten(config.to_dict())
-  norm = lambda v: list(v) if isinstance(v, tuple) else v
-  changed = lambda prefixes: sorted(k for k in set(old) | set(new)
-                                    if k.startswith(prefixes) and norm(old.get(k)) != norm(new.get(k)))
-  describe = lambda keys: ', '.join(f'{k} (saved {old.get(k)!r}, now {new.get(k)!r})' for k in keys)
-  differing = changed(_RESUME_FIXED)
-  # Switching clipping on or off adds or removes a stage of the optimizer state (its value alone is harmless).
-  if (old.get('optim.grad_clip', 0) > 0) != (new.get('optim.grad_clip', 0) > 0):
-    differing = sorted(differing + ['optim.grad_clip'])
-  if differing:
-    raise errors.ConfigError(f'cannot resume: the workdir holds a run whose config differs in keys that change '
-                             f'the experiment: {describe(differing)}; use a new --workdir, or restore these values')
-  schedule = changed(RESUME_SCHEDULE)
-  if schedule and not allow_schedule_change:
-    raise errors.ConfigError(
-        f'cannot resume: {describe(schedule)}: the noise-level curriculum N(k), the target EMA mu(k) and the '
-        'loss follow these keys, so changing them mid-run changes the experiment from this step on; restore the '
-        'saved values, or pass --allow_schedule_change to continue with the new ones deliberately (the way to '
-        'extend a finished run: raise training.num_steps and pass it)')
+  """Refuses to resume when a shape or experiment key differs from the saved run's config, or (unless
+  allow_schedule_change) a schedule key; resume_rules.RULES classifies every key."""
+  resume_rules.check(saved, config.to_dict(), default_config().to_dict(), allow_schedule_change)

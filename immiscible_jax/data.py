@@ -24,6 +24,7 @@ import os
 import grain
 import numpy as np
 
+from immiscible_jax import errors
 from immiscible_jax import image_folder
 from immiscible_jax import storage
 from immiscible_jax.errors import ConfigError
@@ -54,6 +55,9 @@ def validate_config(data_config):
     raise ConfigError(f'data.split={data_config.split!r}; must be a split name such as "train" or "test".')
   if dataset == 'digits' and data_config.split not in _DIGITS_SPLITS:
     raise ConfigError(f'data.split={data_config.split!r} for digits; allowed: {_DIGITS_SPLITS}.')
+  if dataset != 'folder' and data_config.path:  # a given archive would be ignored: the run would train on other data
+    raise ConfigError(f'data.path={data_config.path!r}: data.dataset={dataset!r} does not read it (only "folder" '
+                      "does); set data.dataset=folder to train on it, or data.path=''.")
   if dataset == 'folder':
     path = data_config.path
     if not path or not storage.exists(path):
@@ -130,8 +134,9 @@ def _tfds_source(data_config, split):
     return tfds.data_source('cifar10', split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises KeyError, NotImplementedError, FileNotFoundError, ... depending on state.
     where = data_dir or '~/tensorflow_datasets'
-    raise FileNotFoundError(
-        f'CIFAR-10 (split {split!r}) is not prepared as array_record in {where} ({type(e).__name__}: {e}). '
+    raise errors.MissingInputError(
+        f'CIFAR-10 (split {split!r}) is not prepared as array_record in {where} ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:100]}). '
         'Either prepare it on a machine with internet and TensorFlow: `tfds build cifar10 '
         '--file_format=array_record --data_dir=DIR`, copy DIR here and set data.tfds_data_dir=DIR (or '
         '$TFDS_DATA_DIR); or use data.dataset=folder with data.path=<folder or .tar.gz of '

@@ -217,3 +217,23 @@ def reference_statistics(extractor, images_fn, cache_key, cache_dir):
   # Atomic, so an interrupted run never leaves a truncated cache.
   storage.save_npz(path, atomic=True, mu=mu, sigma=sigma, num_images=len(images))
   return mu, sigma
+
+
+# FID on fewer samples than this is strongly biased upwards (its bias falls as 1/N; Heusel et al. ask for at least
+# 10,000 samples, papers report 50,000): flagged in the output, not refused.
+MIN_FID_SAMPLES = 10_000
+
+
+def sample_size_warning(num_samples, num_reference, dim, metric):
+  """A one-line warning when the Frechet distance of `num_samples` generated and `num_reference` real feature
+  vectors of `dim` dimensions is not comparable to a standard one; None when it is."""
+  problems = []
+  for what, n in (('samples', num_samples), ('reference images', num_reference)):
+    if n <= dim:
+      problems.append(f'{n} {what} for {dim} feature dimensions (a singular covariance: the value mostly measures '
+                      'the sample size)')
+  if metric == 'inception' and num_samples < MIN_FID_SAMPLES:
+    problems.append(f'{num_samples} samples, below the {MIN_FID_SAMPLES} an FID needs to be comparable (papers: '
+                    '50,000)')
+  return '; '.join(problems) or None
+

@@ -10,7 +10,7 @@ others read its file, or compute their own where the cache is not shared). Only 
 import functools
 import io
 import json
-import os
+import re
 
 import flax.jax_utils
 import jax
@@ -68,6 +68,9 @@ class TrainingEvaluator:
     self._sampler = _sampler(config, model, (config.training.sigma_max,))
     self._extractor = evaluation.create_extractor(config.eval)
     self._reference = _reference_stats(config, self._extractor)
+    warning = _sample_size_warning(config, config.eval.num_samples, self._reference)
+    if warning and jax.process_index() == 0:
+      print(f'note: {metric_name(config.eval)} during training: {warning}')
 
   def __call__(self, state, step):
     cfg = self._config
@@ -80,13 +83,19 @@ class TrainingEvaluator:
     return {metric_name(cfg.eval): value}
 
 
-def restore_ema_params(config, workdir, step=None):
-  """(step, EMA params) of a checkpoint, opened read-only."""
+def _sample_size_warning(config, num_samples, reference):
+  return evaluation.sample_size_warning(num_samples, config.eval.reference_num_images, reference[0].shape[0],
+                                        config.eval.metric)
+
+
+def restore_ema_params(config, workdir, step=None, log=print):
+  """(step, EMA params) of a checkpoint, opened read-only: `step`, or the newest readable one (an unreadable newer
+  step is skipped, and `log` says so)."""
   model = models.create_model(config.model, config.data.channels)
   init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
   abstract = jax.eval_shape(init, jax.random.key(0))
   manager = checkpointing.create_manager(workdir, config.checkpoint, read_only=True)
-  restored = checkpointing.restore(manager, abstract, step=step)
+  restored = checkpointing.restore(manager, abstract, step=step, log=log)
   if restored is None:
     raise errors.ConfigError(f'--workdir={workdir}: no checkpoint in {workdir}/checkpoints; train first '
                              '(--mode=train)')
@@ -110,7 +119,8 @@ def sample_from_checkpoint(config, workdir, step=None):
   out_dir = storage.join(workdir, 'samples', f'step_{step}_{len(config.sampling.sigmas)}step')
   paths, grid_path = [], storage.join(out_dir, 'grid.png')
   if jax.process_index() == 0:
-    paths = sampling.save_samples(images, out_dir, config.sampling.shard_size)
+    info = {'step': step, 'sigmas': list(config.sampling.sigmas), 'seed': config.sampling.seed}
+    paths = sampling.save_samples(images, out_dir, config.sampling.shard_size, info=info)
     png = io.BytesIO()
     sampling.image_grid(images[:min(len(images), 100)]).save(png, format='png')
     storage.write_bytes(grid_path, png.getvalue())
@@ -119,11 +129,37 @@ def sample_from_checkpoint(config, workdir, step=None):
   return paths, grid_path
 
 
+def _load_sample_set(config, samples_path):
+  """(uint8 images, step of the checkpoint they came from or None) of a --samples file or folder; a set that does
+  not fit the run is an errors.ConfigError naming it."""
+  images = sampling.load_samples(samples_path)
+  expected = data.image_shape(config.data)
+  if images.shape[1:] != expected:
+    raise errors.ConfigError(f'--samples={samples_path}: images of shape {images.shape[1:]}, but this run makes '
+                             f'{expected} (data.image_size, data.channels)')
+  if len(images) < 2:
+    raise errors.ConfigError(f'--samples={samples_path}: {len(images)} sample(s); the Frechet distance needs at least '
+                             '2 samples (a covariance)')
+  step = sampling.read_manifest(samples_path).get('step') if storage.isdir(samples_path) else None
+  return images, step
+
+
+def _result_name(step, extractor, samples_path):
+  """eval_<step>_<features>[_<sample set>].json: one file per metric and sample source, so no result replaces
+  another's."""
+  name = f'eval_{step if step is not None else "samples"}_{extractor.name}'
+  if samples_path:
+    source = storage.basename(samples_path)
+    name += '_' + re.sub(r'[^A-Za-z0-9_.=-]', '_', source[:-len('.npz')] if source.endswith('.npz') else source)
+  return name + '.json'
+
+
 def evaluate(config, workdir, step=None, samples_path=None):
   """Frechet distance of a sample set (or eval.num_samples fresh samples) to the reference statistics; each
-  process draws or extracts its own share."""
+  process draws or extracts its own share. Written to workdir/<_result_name>, with a warning when the sample
+  counts are too small for the value to be comparable."""
   if samples_path:
-    images = sampling.load_samples(samples_path)
+    images, step = _load_sample_set(config, samples_path)
     num_samples = len(images)
     start, count = evaluation.process_share(num_samples)
     images = images[start:start + count]
@@ -132,11 +168,15 @@ def evaluate(config, workdir, step=None, samples_path=None):
     start, count = evaluation.process_share(num_samples)
     step, images = _generate_from_checkpoint(config, workdir, step, count, start_index=start)
   extractor = evaluation.create_extractor(config.eval)
-  value = frechet_to_reference(config, extractor, _reference_stats(config, extractor), images)
+  reference = _reference_stats(config, extractor)
+  value = frechet_to_reference(config, extractor, reference, images)
   result = {'step': step, metric_name(config.eval): value, 'num_samples': int(num_samples),
             'extractor': extractor.name, 'samples': samples_path or 'fresh'}
+  warning = _sample_size_warning(config, num_samples, reference)
+  if warning:
+    result['warning'] = warning
   if jax.process_index() == 0:
-    path = storage.join(workdir, f'eval_{step if step is not None else "samples"}.json')
+    path = storage.join(workdir, _result_name(step, extractor, samples_path))
     storage.write_text(path, json.dumps(result, indent=2), atomic=True)
     print(json.dumps(result))
   return result

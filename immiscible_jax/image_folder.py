@@ -9,14 +9,16 @@ wrong channel count or mode (RGBA, palette, 16-bit), or an image whose size diff
 naming the file. All images share one stored size S; a smaller data.image_size that divides S is made by area
 averaging by the caller (data.area_downsample). Hidden
 files (`.name`, `__MACOSX/`) are skipped; any other file that is not a PNG/JPEG is an error, so that a stray file
-never silently changes the data set.
+never silently changes the data set. Splits never mix: split folders below the top level next to anything else
+(a stray file, a second folder) are an error listing what was found. An archive member is checked by its header
+(name, size up to MAX_MEMBER_BYTES) before its bytes are read.
 
 Order is fixed and round-robin over the folders holding the images (the classes), each folder sorted by name:
 image k of every class, then image k+1, ... so any prefix (`max_images`) is class-balanced.
 
 The decoded split is cached at its stored size as .npy in $IMMISCIBLE_JAX_CACHE (default ~/.cache/immiscible_jax)/data,
 keyed by the absolute path, the archive's size and mtime (or every image's for a folder), the split and channels;
-every data.image_size is made from that one cache.
+every data.image_size is made from that one cache. An unreadable cache file is decoded again, saying so.
 
 data.path and the cache may be in a bucket (storage.py): an archive at gs://... is streamed through a file object
 (a folder must be local), and $IMMISCIBLE_JAX_CACHE=gs://... keeps the decoded .npy there.
@@ -39,6 +41,10 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 ARCHIVE_EXTENSIONS = ('.tar.gz', '.tgz')
 # Top-level folder names taken to be splits: asking for a split that is not there is then an error.
 KNOWN_SPLITS = ('train', 'test', 'val', 'validation')
+# Largest archive member whose bytes are read: a member is checked by its header (name, size) first, so a small
+# .tar.gz holding a huge member (400 MB of zeros compress to 400 KB) costs no memory. Images here are small
+# (square, a few hundred pixels); 64 MB is a 4096 x 4096 RGB image stored without compression.
+MAX_MEMBER_BYTES = 64 * 2**20
 # Bump when the decoded layout or order changes, so stale caches are not read.
 # 2: cached at the stored size (downsampling happens after the cache).
 _CACHE_VERSION = 2
@@ -59,16 +65,7 @@ def _hidden(relpath):
 def _list_files(path):
   """Returns ({relpath: stat fingerprint}, read(relpath) -> bytes) for the regular files under `path`."""
   if is_archive(path):
-    blobs = {}
-    try:
-      with storage.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:gz') as tar:
-        for member in tar:  # One sequential pass: seeking back in a gzip stream is slow.
-          name = posixpath.normpath(member.name).lstrip('/')
-          if member.isfile() and not _hidden(name):
-            blobs[name] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-      raise ConfigError(f'data.path={path!r}: cannot read the archive ({e}).') from e
-    return {name: None for name in blobs}, blobs.__getitem__
+    return _list_archive(path)
   files = {}
   for dirpath, dirnames, filenames in os.walk(path):
     dirnames.sort()
@@ -84,12 +81,51 @@ def _list_files(path):
   return files, read
 
 
+def _member_name(member, path):
+  """The member's path inside the archive, normalised; a name that leaves the archive is an error."""
+  name = posixpath.normpath(member.name).lstrip('/')
+  if name == '..' or name.startswith('../'):
+    raise ConfigError(f'data.path={path!r}: archive member {member.name!r} points outside the archive.')
+  return name
+
+
+def _list_archive(path):
+  """_list_files of a .tar.gz, in one sequential pass (seeking back in a gzip stream is slow). A member's name and
+  size are checked from its header before its bytes are read: only image files up to MAX_MEMBER_BYTES are read;
+  the others are listed (load() names a non-image in the chosen split) and reading one raises ConfigError."""
+  blobs, refused = {}, {}
+  try:
+    with storage.open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:gz') as tar:
+      for member in tar:
+        name = _member_name(member, path)
+        if not member.isfile() or _hidden(name):
+          continue
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+          refused[name] = 'not an image file'
+        elif member.size > MAX_MEMBER_BYTES:
+          refused[name] = (f'{member.size} bytes, larger than {MAX_MEMBER_BYTES} (image_folder.MAX_MEMBER_BYTES); '
+                           'not read')
+        else:
+          blobs[name] = tar.extractfile(member).read()
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise ConfigError(f'data.path={path!r}: cannot read the archive ({e}).') from e
+
+  def read(name):
+    if name in refused:
+      raise ConfigError(f'{storage.join(path, name)}: {refused[name]}.')
+    return blobs[name]
+
+  return dict.fromkeys([*blobs, *refused]), read
+
+
 def _select_split(relpaths, split, path):
   """The files of `split`: under a top-level `split/` folder when there is one, else all of them."""
   parts = [p.split('/') for p in relpaths]
   # Look through wrapping folders that hold everything and are not themselves a split.
+  wrapping = []
   while (parts and all(len(q) > 2 for q in parts) and len({q[0] for q in parts}) == 1
          and parts[0][0] not in KNOWN_SPLITS + (split,)):
+    wrapping.append(parts[0][0])
     parts = [q[1:] for q in parts]
   tops = {q[0] for q in parts if len(q) > 1}
   if split in tops:
@@ -97,7 +133,22 @@ def _select_split(relpaths, split, path):
   if tops & set(KNOWN_SPLITS):
     raise ConfigError(f'data.split={split!r}: no {split!r} folder in data.path={path!r}; its split folders are '
                      f'{sorted(tops & set(KNOWN_SPLITS))}.')
+  _refuse_nested_splits(parts, wrapping, split, path)
   return list(relpaths)
+
+
+def _refuse_nested_splits(parts, wrapping, split, path):
+  """Split folders below the top level next to other entries (a stray file, a second folder): there is no one
+  wrapping folder to look through, and taking every image would mix the splits (test images in training)."""
+  names = KNOWN_SPLITS + (split,)
+  prefix = ''.join(w + '/' for w in wrapping)
+  nested = sorted({prefix + '/'.join(q[:i + 1]) for q in parts for i in range(1, len(q) - 1) if q[i] in names})
+  if nested:
+    entries = sorted({prefix + q[0] + ('/' if len(q) > 1 else '') for q in parts})
+    raise ConfigError(
+        f'data.split={split!r}: data.path={path!r} holds split folders below its top level '
+        f'({", ".join(nested[:8])}) next to other entries (top level: {", ".join(entries[:8])}); using every image '
+        'would mix the splits: put the split folders at the top level, or alone in one wrapping folder.')
 
 
 def _canonical_order(relpaths):
@@ -158,6 +209,23 @@ def _cache_path(path, split, channels, files):
   return storage.join(cache_dir(), name)
 
 
+def _read_cache(cache_file, channels):
+  """The cached uint8 [N, S, S, channels] images, or None when there is no cache or it is unreadable (a truncated
+  or foreign file: decoded again, saying so, and rewritten)."""
+  if not storage.exists(cache_file):
+    return None
+  try:
+    images = storage.load_npy(cache_file)
+  except (ValueError, OSError, EOFError) as e:
+    reason = f'{type(e).__name__}: {e}'
+  else:
+    if images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == channels and len(images):
+      return images
+    reason = f'holds {images.dtype} {images.shape}, not uint8 images with {channels} channel(s)'
+  logging.warning('decoded-image cache %s is unreadable (%s); decoding the images again', cache_file, reason)
+  return None
+
+
 def _write_cache(cache_file, images):
   try:
     storage.save_npy(cache_file, images, atomic=True)  # Atomic: several processes may decode and write at once.
@@ -179,13 +247,15 @@ def load(path, split, channels, max_images=None, image_size=None):
   # An archive's cache key needs only its stat, so a cached archive is not even decompressed.
   if is_archive(path):
     cache_file = _cache_path(path, split, channels, None)
-    if storage.exists(cache_file):
-      return storage.load_npy(cache_file)[:max_images]
+    cached = _read_cache(cache_file, channels)
+    if cached is not None:
+      return cached[:max_images]
   files, read = _list_files(path)
   if not is_archive(path):
     cache_file = _cache_path(path, split, channels, files)
-    if storage.exists(cache_file):
-      return storage.load_npy(cache_file)[:max_images]
+    cached = _read_cache(cache_file, channels)
+    if cached is not None:
+      return cached[:max_images]
   selected = _select_split(list(files), split, path)
   if not selected:
     raise ConfigError(f'data.path={path!r} (data.split={split!r}): no images found; expected '

@@ -6,10 +6,13 @@ r"""Entry point: train, sample or evaluate a consistency model from a config fil
   python -m immiscible_jax.main --workdir=/tmp/run --mode=eval [--samples=PATH]
 
 sample and eval rebuild the run from the config saved with its checkpoint (saved_config.py); a --config given
-there may change sampling.*, eval.* and moved data paths only. Resuming with changed schedule keys
-(training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c) is refused unless --allow_schedule_change.
+there may change sampling.*, eval.* and moved data paths only. Resuming with a changed experiment key is
+refused, and with a changed schedule key (training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c,
+optim.learning_rate, warmup_steps) unless --allow_schedule_change (immiscible_jax/resume_rules.py classifies every
+key).
 
---workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there.
+--workdir may be a bucket, gs://BUCKET/prefix (immiscible_jax/storage.py): every output goes there. One trainer
+runs per workdir (immiscible_jax/workdir_lock.py): a second one is refused, naming the first.
 
 Bad input (a config value, a data folder, a flag) ends in one line on stderr, `error: <key>: <what is wrong>`,
 and exit status 2; with --traceback the error is raised instead, with its Python traceback.
@@ -39,7 +42,8 @@ flags.DEFINE_integer('step', None, 'sample / eval: checkpoint step (default: the
 flags.DEFINE_string('samples', None, 'eval: a .npz or a directory of shards (default: fresh samples).')
 flags.DEFINE_bool('traceback', False, 'On a config or input error, show the Python traceback, not one line.')
 flags.DEFINE_bool('allow_schedule_change', False, 'train: resume although a schedule key (training.num_steps, '
-                  's0, s1, mu0, p_mean, p_std, huber_c) differs from the saved run, e.g. to extend it.')
+                  's0, s1, mu0, p_mean, p_std, huber_c, optim.learning_rate, warmup_steps; docs/reliability.md '
+                  'lists every key) differs from the saved run, e.g. to extend it.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -71,11 +75,32 @@ def main(argv):
   # Imported after initialize(): nothing may touch the backend before it.
   from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
   try:
-    _run(FLAGS.config)
+    _run(_loaded(FLAGS.config))
   except errors.ConfigError as e:
     if FLAGS.traceback:
       raise
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    full = errors.disk_full_message(e)
+    if full is None or FLAGS.traceback:
+      raise
+    _fail(full)
+
+
+def _loaded(config):
+  """The --config, or a ConfigError naming the file: ml_collections reports a file that did not load (a wrong
+  path, an import error in it) only when the config is first read, with a 40-line traceback."""
+  from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
+  if config is None:
+    return None
+  try:
+    config.get('seed')  # the first read: raises for a file that did not load
+  except OSError as e:
+    cause = e.__cause__ or e
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    raise errors.ConfigError(f'--config={config_flags.get_config_filename(FLAGS["config"])}: cannot load the config '
+                             f'file ({lines[-1] if lines else type(cause).__name__})') from e
+  return config
 
 
 def _run(config):
@@ -83,6 +108,7 @@ def _run(config):
   from immiscible_jax import config_checks, errors, storage  # pylint: disable=g-import-not-at-top
   # Orbax wants absolute paths; URLs such as gs://bucket/run stay as they are (and get no local folder).
   workdir = storage.abspath(FLAGS.workdir)
+  storage.check_no_glob_characters(workdir, '--workdir')  # before anything is created or trained
   if FLAGS.mode == 'train':
     if config is None:
       raise errors.ConfigError('--config: required for --mode=train (e.g. --config=configs/digits.py)')
@@ -90,12 +116,26 @@ def _run(config):
     from immiscible_jax import saved_config  # pylint: disable=g-import-not-at-top
     ckpt_config = (config or config_checks.default_config()).checkpoint
     config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config)
-  config_checks.validate(config)  # before the heavier imports below, and before anything compiles
+  # Before the heavier imports below, and before anything compiles.
+  config_checks.validate(config, for_training=FLAGS.mode == 'train')
   from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  created = not storage.exists(workdir)
   storage.makedirs(workdir)
+  try:
+    _run_mode(config, workdir, evaluators, train)
+  except errors.ConfigError:
+    if created and not storage.is_remote(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a refused run leaves no empty workdir behind
+    raise
+
+
+def _run_mode(config, workdir, evaluators, train):
   if FLAGS.mode == 'train':
-    evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
-    train.train_and_evaluate(config, workdir, evaluator=evaluator, allow_schedule_change=FLAGS.allow_schedule_change)
+    from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    with workdir_lock.hold(workdir):  # one trainer per workdir; a second one is refused before it touches it
+      evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
+      train.train_and_evaluate(config, workdir, evaluator=evaluator,
+                               allow_schedule_change=FLAGS.allow_schedule_change)
   elif FLAGS.mode == 'sample':
     evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:

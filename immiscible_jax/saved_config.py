@@ -47,6 +47,22 @@ def _differing(saved, given):
   return sorted(k for k in set(old) | set(new) if norm(old.get(k)) != norm(new.get(k)))
 
 
+def _readable_meta(manager, steps, step, log=print):
+  """The meta of `step`, or of the newest step whose meta reads (as training falls back past a corrupt one,
+  saying so)."""
+  for candidate in [step] if step is not None else reversed(steps):
+    try:
+      return checkpointing.read_meta(manager, candidate)
+    except Exception as e:  # pylint: disable=broad-except  # unreadable or not JSON: try an earlier step
+      why = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
+      if step is not None:
+        raise errors.ConfigError(f'--step={step}: the saved config of that checkpoint is unreadable ({why}); '
+                                 f'choose another step; allowed: {errors.allowed_values(steps)}') from e
+      log(f'the saved config of step {candidate} is unreadable ({why}); trying an earlier step')
+  raise errors.ConfigError(f'--workdir={manager.directory.parent}: no checkpoint in {manager.directory} has a '
+                           'readable saved config')
+
+
 def for_inference(workdir, ckpt_config, step=None, given=None):
   """The config to sample or evaluate the run in `workdir` with.
 
@@ -64,7 +80,7 @@ def for_inference(workdir, ckpt_config, step=None, given=None):
   if step is not None and step not in steps:
     raise errors.ConfigError(f'--step={step}: no checkpoint at that step in {manager.directory}; '
                              f'allowed: {errors.allowed_values(steps)}')
-  saved = from_dict(checkpointing.read_meta(manager, steps[-1] if step is None else step)['config'])
+  saved = from_dict(_readable_meta(manager, steps, step)['config'])
   if given is None:
     return saved
   given = ml_collections.ConfigDict(given.to_dict())

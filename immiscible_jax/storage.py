@@ -14,6 +14,10 @@ Object stores differ from a disk in three ways that callers see here:
     rewritten at each flush (metric_writer.py). GCS also allows about one write per second to one object, so such
     flushes are spaced out.
 
+Two more rules: a workdir may not contain the glob characters [ ] * ? (Orbax globs under it; see
+GLOB_CHARACTERS), and create_if_absent / read_with_generation / remove_if_generation give a bucket the one atomic
+create-if-absent the workdir lock needs (GCS generation preconditions; locally the lock uses flock instead).
+
 Tests: tests/test_storage.py runs the trainer, sampling, evaluation, launch.sweep and launch.report against
 gcp-storage-emulator (a GCS JSON-API server on localhost), with the environment variables of `emulator_env`.
 """
@@ -23,6 +27,14 @@ import posixpath
 
 from etils import epath
 import numpy as np
+
+from immiscible_jax import errors
+
+# Characters that Orbax's checkpoint code would read as a pattern in a workdir: it globs paths under the workdir
+# through etils' epath.glob, which joins the folder and the pattern unescaped (Python's glob locally, fsspec's for
+# gs://). With `[1]` in the folder the per-process array index was never merged and no checkpoint read back; `*`
+# and `?` can match another run's folders.
+GLOB_CHARACTERS = '[]*?'
 
 
 def default_cache_dir():
@@ -53,6 +65,16 @@ def abspath(path):
   """A local path made absolute; a URL unchanged."""
   path = os.fspath(path)
   return path if is_remote(path) else os.path.abspath(path)
+
+
+def check_no_glob_characters(path, what):
+  """Raises errors.ConfigError naming `what` (e.g. '--workdir') when `path` holds a GLOB_CHARACTERS character."""
+  found = [c for c in GLOB_CHARACTERS if c in os.fspath(path)]
+  if found:
+    raise errors.ConfigError(
+        f'{what}={os.fspath(path)!r}: contains {" ".join(found)}, which Orbax\'s checkpoint code reads as a glob '
+        'pattern (its checkpoints would not read back, or another folder would be read); choose a path without '
+        f'{" ".join(GLOB_CHARACTERS)}')
 
 
 def basename(path):
@@ -114,8 +136,13 @@ def write_bytes(path, data, atomic=False):
     return
   makedirs(os.path.dirname(path) or '.')
   target = f'{path}.{os.getpid()}.tmp' if atomic else path
-  with open(target, 'wb') as f:
-    f.write(data)
+  try:
+    with open(target, 'wb') as f:
+      f.write(data)
+  except BaseException:
+    if atomic and os.path.exists(target):  # a full disk must not leave a 0-byte temporary file behind
+      os.remove(target)
+    raise
   if atomic:
     os.replace(target, path)
 
@@ -158,6 +185,58 @@ def remove(path):
     epath.Path(path).unlink()
   else:
     os.remove(path)
+
+
+def _bucket_object(path):
+  """(gcsfs filesystem, bucket, object name) of a gs:// URL: the conditional requests below need GCS itself."""
+  import fsspec  # pylint: disable=g-import-not-at-top  # gcsfs registers 'gs'
+  path = os.fspath(path)
+  if not path.startswith('gs://'):
+    raise ValueError(f'{path}: conditional object writes need a gs:// URL')
+  fs = fsspec.filesystem('gs')
+  bucket, name, _ = fs.split_path(path)
+  return fs, bucket, name
+
+
+def create_if_absent(path, data):
+  """gs:// only: writes a new object and returns its generation, or returns None when an object is there already.
+  One request with the precondition ifGenerationMatch=0, so of two writers exactly one creates it."""
+  fs, bucket, name = _bucket_object(path)
+  try:
+    fs.pipe_file(path, data, mode='create')
+  except FileExistsError:  # 412 Precondition Failed
+    return None
+  fs.invalidate_cache(path)
+  return read_with_generation(path)[1]
+
+
+def read_with_generation(path):
+  """gs:// only: (bytes, generation) of an object, or (None, None) when there is none; the generation is that of
+  the bytes returned (read again if the object was replaced in between)."""
+  fs, bucket, name = _bucket_object(path)
+  for _ in range(5):
+    fs.invalidate_cache(path)
+    try:
+      before = str(fs.info(path)['generation'])
+      data = fs.cat_file(path)
+      fs.invalidate_cache(path)
+      if str(fs.info(path)['generation']) == before:
+        return data, before
+    except FileNotFoundError:
+      return None, None
+  raise OSError(f'{path}: the object kept changing while it was read')
+
+
+def remove_if_generation(path, generation):
+  """gs:// only: deletes the object if its generation is still `generation`; returns whether it did."""
+  fs, bucket, name = _bucket_object(path)
+  try:
+    fs.call('DELETE', 'b/{}/o/{}', bucket, name, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):  # 412: replaced since; 404: already gone
+    return False
+  finally:
+    fs.invalidate_cache(path)
+  return True
 
 
 def save_npz(path, atomic=True, **arrays):

@@ -227,8 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   evaluator: (host TrainState, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
   and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
-  schedules still follow training.num_steps. allow_schedule_change: resume even if a key of
-  config_checks.RESUME_SCHEDULE changed (e.g. a raised training.num_steps). Returns the final host TrainState.
+  schedules still follow training.num_steps. allow_schedule_change: resume even if a schedule key
+  (resume_rules.RULES) changed (e.g. a raised training.num_steps). Returns the final host TrainState.
 
   Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
   k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
@@ -255,9 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                              f'multiple of {k}; resume with a value that divides {step}')
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
-  note = cpu_scan_note(config, jax.default_backend())
-  if note:
-    writer.log(note)
+  notes = (cpu_scan_note(config, jax.default_backend()), assignment.problem_size_note(config, jax.device_count()))
+  for note in notes:
+    if note:
+      writer.log(note)
   layout = replicas.create_layout(config.parallel.mode)
   data_iter = start_stream(step)
   # The next dispatch's k batches are read and put on the devices while this one runs.
@@ -304,6 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     manager.wait_until_finished()
     writer.close()
     flag.uninstall()
+  final = layout.host(d_state)
   if step == tcfg.num_steps:
+    checkpointing.verify_readable(manager, step, final)  # done.json only for a run whose end can be restored
     _write_json(workdir, 'done.json', json.dumps({'step': step}))
-  return layout.host(d_state)
+  return final

@@ -156,6 +156,10 @@ def _parse(argv):
   args = parser.parse_args(own)
   if args.parallel < 1:
     parser.error('--parallel must be >= 1')
+  try:  # each arm's workdir lies under the root; Orbax would glob it (storage.GLOB_CHARACTERS)
+    storage.check_no_glob_characters(args.root, '--root')
+  except ValueError as e:
+    parser.error(str(e))
   if args.parallel > 1 and (runner_name == 'tpu_pod' or '://' in args.root):
     parser.error('--parallel > 1 needs a local --root and a local runner (one TPU slice runs one arm at a time)')
   return runner_name, args, extra

@@ -147,3 +147,96 @@ def test_config_reference_refuses_a_key_without_a_comment_of_its_own(edit, tmp_p
   path.write_text('\n'.join(lines))
   with pytest.raises(config_docs.UndocumentedKeyError, match=r'default.py:\d+: config key optim.b2 has no comment'):
     config_docs.markdown(str(path))
+
+
+# Issue 21, case 9: values that would train nothing (grad_norm 0 at sigma_max = 1e30) must not pass validation.
+@pytest.mark.parametrize('key,value,message', [
+    ('training.sigma_max', float('inf'), 'training.sigma_max: must be a finite number, got inf'),
+    ('training.sigma_data', float('inf'), 'training.sigma_data: must be a finite number, got inf'),
+    ('training.p_mean', float('nan'), 'training.p_mean: must be a finite number, got nan'),
+    ('optim.learning_rate', float('inf'), 'optim.learning_rate: must be a finite number, got inf'),
+    ('optim.b1', float('nan'), 'optim.b1: must be a finite number, got nan'),
+    ('sampling.sigmas', (80.0, float('nan')), 'sampling.sigmas: must be a finite number, got nan'),
+    # 1e30: x + sigma z in float32 keeps nothing of the image; the bound says why.
+    ('training.sigma_max', 1e30, 'training.sigma_max: must be at most 16448'),
+    ('training.sigma_max', 2e4, 'float32'),
+])
+def test_non_finite_and_out_of_range_values_are_refused_with_the_reason(key, value, message):
+  config = _digits()
+  section, name = key.split('.')
+  with config.unlocked():
+    config[section][name] = value
+    if key == 'training.sigma_max':
+      config.sampling.sigmas = (min(value, 80.0),)
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    config_checks.validate(config)
+
+
+def test_the_sigma_bound_keeps_the_papers_values():
+  config = _digits()
+  config.training.sigma_max = 16000.0  # just under the bound (papers: 80)
+  config_checks.validate(config)
+
+
+# Issue 21, case 6: every key classified; every experiment change refused on resume. The keys below are named
+# here, independently of the table in code: the issue's list of changes that resumed silently, and keys that must
+# stay free (intervals, paths, performance knobs).
+_MUST_REFUSE = ('training.ema_rate', 'optim.b1', 'optim.b2', 'optim.eps', 'data.random_flip', 'assignment.knn_k',
+                'assignment.dtype', 'assignment.sinkhorn_epsilon', 'assignment.sinkhorn_max_iterations',
+                'assignment.sinkhorn_threshold', 'assignment.sinkhorn_arr_sweeps', 'eval.metric', 'eval.num_samples',
+                'eval.reference_num_images', 'eval.pixel_downsample', 'model.nf', 'training.recipe', 'seed')
+_MUST_NEED_THE_SWITCH = ('training.num_steps', 'training.s1', 'optim.learning_rate')
+_MUST_BE_FREE = ('training.log_every_steps', 'checkpoint.every_steps', 'checkpoint.max_to_keep', 'eval.every_steps',
+                 'eval.batch_size', 'parallel.mode', 'data.num_workers', 'sampling.num_samples',
+                 'sampling.shard_size', 'training.steps_per_dispatch')
+
+
+def _another_value(value):
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1
+  if isinstance(value, str):
+    return value + '_changed'
+  return (*value, value[-1] if value else 1)
+
+
+def _resume_outcome(key):
+  """'refused', 'needs the switch' or 'resumes' for a resume whose config differs from the saved one in `key`."""
+  saved = config_checks.default_config()
+  config = config_checks.default_config()
+  section, _, name = key.rpartition('.')
+  node = config[section] if section else config
+  with node.ignore_type():
+    node[name] = _another_value(node[name])
+  try:
+    config_checks.check_resume_compatible(saved.to_dict(), config)
+  except errors.ConfigError as e:
+    assert key in str(e), str(e)
+    if '--allow_schedule_change' not in str(e):
+      return 'refused'
+    config_checks.check_resume_compatible(saved.to_dict(), config, allow_schedule_change=True)
+    return 'needs the switch'
+  return 'resumes'
+
+
+@pytest.mark.parametrize('key', sorted(config_checks.flatten(config_checks.default_config())))
+def test_changing_each_key_on_resume_follows_its_rule(key):
+  from immiscible_jax import resume_rules  # pylint: disable=g-import-not-at-top
+  outcome = _resume_outcome(key)
+  expected = {'shape': 'refused', 'experiment': 'refused', 'schedule': 'needs the switch', 'free': 'resumes'}
+  assert outcome == expected[resume_rules.RULES[key][0]]
+  if key in _MUST_REFUSE:
+    assert outcome == 'refused'
+  if key in _MUST_NEED_THE_SWITCH:
+    assert outcome == 'needs the switch'
+  if key in _MUST_BE_FREE:
+    assert outcome == 'resumes'
+
+
+def test_resume_rules_cover_every_key_and_the_docs_show_them():
+  from immiscible_jax import resume_rules  # pylint: disable=g-import-not-at-top
+  assert set(resume_rules.RULES) == set(config_checks.flatten(config_checks.default_config()))
+  assert set(_MUST_REFUSE + _MUST_NEED_THE_SWITCH + _MUST_BE_FREE) <= set(resume_rules.RULES)
+  docs = open(os.path.join(_ROOT, 'docs', 'reliability.md')).read()
+  assert resume_rules.markdown() in docs, 'regenerate with: python -m immiscible_jax.resume_rules'

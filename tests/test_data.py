@@ -3,7 +3,9 @@
 Expected values come from the raw sources (scikit-learn's digits, tfds' mock, PNGs written here), never from the
 code under test.
 """
+import io
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from configs import default
 from immiscible_jax import data
+from immiscible_jax import errors
 
 _REAL_ARCHIVE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, 'shared', 'data',
                              'cifar10-jpg.tar.gz')
@@ -262,6 +265,73 @@ def test_folder_path_split_and_emptiness_errors(image_dir, tmp_path):
   corrupt.write_bytes(b'\x1f\x8b not really gzip')
   with pytest.raises(ValueError, match='corrupt.tar.gz'):
     data.load_images(_folder(corrupt))
+
+
+def _tar_gz(path, root, extra=()):
+  """A .tar.gz of the folder `root` (member names relative to it) plus (name, bytes) members."""
+  with tarfile.open(path, 'w:gz') as tar:
+    tar.add(root, arcname='.')
+    for name, content in extra:
+      member = tarfile.TarInfo(name)
+      member.size = len(content)
+      tar.addfile(member, io.BytesIO(content))
+  return path
+
+
+@pytest.mark.parametrize('stray', ['preview.png', 'other/0.png'])
+def test_split_folders_next_to_a_stray_entry_are_an_error_not_a_mix_of_splits(image_dir, tmp_path, stray):
+  """Issue 21, case 2: root/pets/{train,test}/<class>/ plus one stray image (or a second top-level folder): the
+  wrapping folder cannot be looked through, and using every image would train on the test split too."""
+  root = tmp_path / 'root'
+  shutil.copytree(image_dir, root / 'pets')
+  os.makedirs((root / stray).parent, exist_ok=True)
+  Image.fromarray(_image('train', 0, 0)).save(root / stray)
+  for path in (root, _tar_gz(tmp_path / 'root.tar.gz', root)):
+    with pytest.raises(errors.ConfigError) as error:
+      data.load_images(_folder(path))
+    message = str(error.value)
+    assert "data.split='train'" in message and 'pets/test' in message and 'pets/train' in message, message
+    assert stray.split('/')[0] in message and '\n' not in message
+
+
+def _extracted_members(monkeypatch):
+  """Names of the archive members whose bytes the code under test reads."""
+  read, extractfile = [], tarfile.TarFile.extractfile
+
+  def recording(self, member):
+    read.append(member.name if isinstance(member, tarfile.TarInfo) else member)
+    return extractfile(self, member)
+
+  monkeypatch.setattr(tarfile.TarFile, 'extractfile', recording)
+  return read
+
+
+@pytest.mark.parametrize('name,match', [('train/cat/blob.bin', 'not an image file'),
+                                        ('train/cat/huge.png', 'larger than')])
+def test_archive_members_are_checked_by_name_and_size_before_they_are_read(image_dir, tmp_path, monkeypatch,
+                                                                            name, match):
+  """Issue 21, case 12: a 1.8 MB .tar.gz that holds a 400 MB member raised peak memory by 400 MB before any
+  check. Here the limit is lowered to 1 MB and the member is 3 MB of zeros (a few KB compressed)."""
+  from immiscible_jax import image_folder  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(image_folder, 'MAX_MEMBER_BYTES', 2**20)
+  archive = _tar_gz(tmp_path / 'big.tar.gz', image_dir, [(name, bytes(3 * 2**20))])
+  read = _extracted_members(monkeypatch)
+  with pytest.raises(errors.ConfigError, match=match) as error:
+    data.load_images(_folder(archive))
+  assert name in str(error.value)
+  assert read and not [n for n in read if n.endswith(name)]  # the images were read, the bad member never
+
+
+def test_a_corrupt_decoded_image_cache_is_decoded_again_saying_so(image_dir, tmp_path, caplog):
+  """Issue 21, case 10: a truncated cache .npy ended in a traceback; it is decoded again from the images."""
+  first = data.load_images(_folder(image_dir))
+  (cached,) = (tmp_path / 'cache' / 'data').iterdir()
+  cached.write_bytes(cached.read_bytes()[:100])
+  with caplog.at_level('WARNING'):
+    again = data.load_images(_folder(image_dir))
+  np.testing.assert_array_equal(again, first)
+  assert any(str(cached) in r.getMessage() and 'decoding the images again' in r.getMessage() for r in caplog.records)
+  np.testing.assert_array_equal(np.load(cached), first)  # and the cache is rewritten whole
 
 
 @pytest.mark.skipif(not os.path.exists(_REAL_ARCHIVE), reason=f'offline CIFAR-10 JPEGs absent: {_REAL_ARCHIVE}')

@@ -340,3 +340,15 @@ def test_shipped_sweeps_cover_methods_by_seeds_with_existing_keys(name):
       node = config
       for part in key.split('.'):
         node = node[part]
+
+
+@pytest.mark.parametrize('bad', ['run [1]', 'run[ab]', 'run*', 'run?'])
+def test_sweep_refuses_a_root_that_orbax_would_glob(sweep_file, tmp_path, monkeypatch, capsys, bad):
+  """Issue 21, case 1: Orbax globs under the workdir, so a root with glob characters would lose every arm's
+  checkpoints; refused before anything is written or launched."""
+  monkeypatch.setattr(local, 'execute', lambda *a, **k: pytest.fail('launched with a glob-character root'))
+  root = tmp_path / bad
+  with pytest.raises(SystemExit) as exit_:
+    sweep.main([f'--sweep={sweep_file}', f'--root={root}'])
+  assert exit_.value.code == 2
+  assert '--root' in capsys.readouterr().err and not root.exists()

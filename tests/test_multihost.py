@@ -88,6 +88,7 @@ def drive(workdir, out_dir):
   fallback_messages = []
   fallback_step, _, _ = checkpointing.restore(manager, abstract, log=fallback_messages.append)
   checkpointing.read_meta = read_meta
+  lock_outcomes = _lock_outcomes(os.path.join(out_dir, 'locked'))
   batch = next(data.create_train_iterator(config.data, config.training.batch_size, config.seed))
 
   # The assignment alone, on a known global batch: this process feeds the rows of its own devices.
@@ -107,9 +108,31 @@ def drive(workdir, out_dir):
            process_count=jax.process_count(), device_count=jax.device_count(), checkpoint_step=checkpoint_step,
            assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
            fallback_step=fallback_step, fallback_messages=np.array(fallback_messages),
+           lock_outcomes=np.array(lock_outcomes),
            example_id=batch['example_id'],
            **_named_leaves('final', final), **_named_leaves('restored', restored),
            **_named_leaves('shard_map', final_shard_map))
+
+
+def _lock_outcomes(lockdir):
+  """The workdir lock as main.py takes it, in every process: first free (all go on), then held by another
+  trainer (here process 0's own second lock on it): all are refused, with process 0's message."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import errors, workdir_lock  # pylint: disable=g-import-not-at-top
+  os.makedirs(lockdir, exist_ok=True)
+  outcomes = []
+  with workdir_lock.hold(lockdir):
+    outcomes.append('went on')
+  # pylint: disable-next=protected-access
+  other = workdir_lock._acquire(lockdir, print) if jax.process_index() == 0 else None
+  try:
+    with workdir_lock.hold(lockdir):
+      outcomes.append('went on')
+  except errors.ConfigError as e:
+    outcomes.append(f'refused: {e}')
+  if other:
+    other()
+  return outcomes
 
 
 @pytest.fixture(scope='module')
@@ -229,6 +252,15 @@ def test_only_process_zero_writes_metrics(run):
   assert [line['step'] for line in lines] == sorted(logged)  # each step once: one writer
   assert all(np.isfinite(line['train/loss']) for line in lines)
   assert '[proc 0] step ' in log and '[proc 1] step ' not in log
+
+
+def test_processes_agree_on_the_workdir_lock(run):
+  """Process 0 takes the lock for the run; the others follow its outcome (issue 21, case 3)."""
+  _, results, _ = run
+  for result in results:
+    went, refused = result['lock_outcomes']
+    assert went == 'went on' and refused.startswith('refused: ') and 'another trainer is running in it' in refused
+  assert results[0]['lock_outcomes'][1] == results[1]['lock_outcomes'][1]  # one decision, process 0's
 
 
 if __name__ == '__main__':

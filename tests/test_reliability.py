@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from immiscible_jax import models
 from immiscible_jax import preemption
 from immiscible_jax import train
 from immiscible_jax import train_state
+import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 _OVERRIDES = {'training.num_steps': 1000, 'training.log_every_steps': 2, 'checkpoint.every_steps': 4,
@@ -304,3 +306,136 @@ def test_processes_agree_on_the_stop_step(monkeypatch):
   flags[1].signalled = True
   answers = [[f.should_stop(step) for f in flags] for step in range(1, 11)]
   assert answers == [[False, False]] * 4 + [[True, True]] + [[False, False]] * 4 + [[True, True]]
+
+
+def test_sample_and_eval_do_not_apply_the_training_device_check(reference, tmp_path, monkeypatch, capfd):
+  """Issue 21, case 11: the run trained batch 16 on 8 devices; sampling it where 6 devices are seen must work,
+  since sampling never uses training.batch_size (training there is still refused)."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  monkeypatch.setattr(jax, 'device_count', lambda *args: 6)
+  assert command_line.run_cli([f'--workdir={workdir}', '--mode=sample']) == 0, capfd.readouterr()
+  assert os.path.exists(os.path.join(workdir, 'samples', f'step_{_END}_1step', 'grid.png'))
+  capfd.readouterr()
+  code = command_line.run_cli(['--config=configs/tiny.py', f'--workdir={workdir}'])
+  command_line.assert_one_line_error(code, ''.join(capfd.readouterr()),
+                                     'must be divisible by the number of devices (6)')
+
+
+def test_done_json_is_written_only_when_the_final_checkpoint_reads_back(tmp_path, monkeypatch):
+  """Issue 21, case 1: with `[1]` in the workdir Orbax skipped the merge of its per-process array index (a warning
+  only), so no checkpoint read back, yet the run wrote done.json. The same failure is injected here by skipping
+  that merge; the run must stop without done.json, naming the step."""
+  from orbax.checkpoint._src.serialization import ocdbt_utils  # pylint: disable=g-import-not-at-top
+
+  async def skip_merge(*args, **kwargs):
+    del args, kwargs
+
+  monkeypatch.setattr(ocdbt_utils, 'merge_ocdbt_per_process_files', skip_merge)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'final checkpoint \(step 4\) does not read back'):
+    train.train_and_evaluate(_config(**{'training.num_steps': 4}), workdir)
+  assert _steps(workdir) == [4] and not os.path.exists(os.path.join(workdir, 'done.json'))
+
+
+def test_sample_and_eval_fall_back_past_a_corrupt_newest_meta_saying_which_step(reference, tmp_path, capfd):
+  """Issue 21, case 8: training fell back past a corrupt meta/metadata, --mode=sample and --mode=eval ended in a
+  JSONDecodeError traceback."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  with open(os.path.join(workdir, 'checkpoints', str(_END), 'meta', 'metadata'), 'w') as f:
+    f.write('{"config": {"seed"')
+  for mode in ('sample', 'eval'):
+    capfd.readouterr()
+    assert command_line.run_cli([f'--workdir={workdir}', f'--mode={mode}']) == 0, capfd.readouterr()
+    out = ''.join(capfd.readouterr())
+    assert f'checkpoint at step {_END} is unreadable' in out and 'Traceback' not in out, out
+  assert os.path.exists(os.path.join(workdir, 'samples', 'step_8_1step', 'grid.png'))
+  assert [n for n in os.listdir(workdir) if n.startswith('eval_8_')]
+
+
+def test_evaluations_of_one_step_keep_every_metric_and_flag_small_sample_sets(reference, tmp_path):
+  """Issue 21, case 5: a second metric of the same step replaced the first's eval_<step>.json; an FD on fewer
+  samples than feature dimensions carried no warning."""
+  from immiscible_jax import evaluators  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  small = _config(**{'eval.num_samples': 16})  # 16 samples of 8x8x1 = 64 pixel features
+  pooled = _config(**{'eval.num_samples': 128, 'eval.pixel_downsample': 2})  # 128 samples, 16 features
+  first, second = evaluators.evaluate(small, workdir), evaluators.evaluate(pooled, workdir)
+  written = sorted(n for n in os.listdir(workdir) if n.startswith('eval_'))
+  assert len(written) == 2, written
+  by_extractor = {json.load(open(os.path.join(workdir, n)))['extractor']: n for n in written}
+  assert set(by_extractor) == {'pixels_ds1', 'pixels_ds2'}
+  assert json.load(open(os.path.join(workdir, by_extractor['pixels_ds1'])))['eval/fd_pixels'] == \
+      first['eval/fd_pixels']
+  assert '16 samples' in first['warning'] and '64 feature dimensions' in first['warning']
+  assert 'warning' not in second
+
+
+# `python -c` program: immiscible_jax.main, waiting for a line on stdin when it is about to train (after main's
+# checks, and the workdir lock), so that a second trainer can be started on the same workdir meanwhile.
+_WAIT_BEFORE_TRAINING_MAIN = """
+import runpy, sys
+from immiscible_jax import train
+real = train.train_and_evaluate
+def waiting(*args, **kwargs):
+  print('test: about to train', flush=True)
+  sys.stdin.readline()
+  return real(*args, **kwargs)
+train.train_and_evaluate = waiting
+runpy.run_module('immiscible_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_in_one_line_and_the_first_finishes(tmp_path):
+  """Issue 21, case 3: two trainers on one workdir both crashed with long tracebacks, and metrics.jsonl held
+  rows of both. The second must be refused naming the first, which finishes untouched."""
+  workdir = str(tmp_path / 'run')
+  args = ['--config=configs/tiny.py', f'--workdir={workdir}', '--config.training.num_steps=4',
+          '--config.training.log_every_steps=2', '--config.checkpoint.every_steps=4']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'}  # XLA_FLAGS: conftest.py's
+  first = subprocess.Popen([sys.executable, '-c', _WAIT_BEFORE_TRAINING_MAIN, *args], cwd=_ROOT, env=env, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  timer = threading.Timer(_WATCHDOG_S, first.kill)
+  timer.daemon = True
+  timer.start()
+  _read_until(first, r'^test: about to train')
+  second = subprocess.run([sys.executable, '-m', 'immiscible_jax.main', *args], cwd=_ROOT, env=env, text=True,
+                          capture_output=True, timeout=_WATCHDOG_S)
+  first.stdin.write('go\n')
+  first.stdin.flush()
+  out, _ = first.communicate(timeout=_WATCHDOG_S)
+  assert first.returncode == 0, out
+  refusal = second.stdout + second.stderr
+  assert second.returncode == 2 and refusal.count('\n') == 1, refusal
+  assert refusal.startswith(f'error: --workdir={workdir}: another trainer is running in it (host '
+                            f'{socket.gethostname()}, pid {first.pid}, since '), refusal
+  assert json.load(open(os.path.join(workdir, 'done.json'))) == {'step': 4}
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [2, 4]  # the first trainer's rows only
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
+
+
+def _dead_pid():
+  proc = subprocess.Popen(['true'])
+  proc.wait()  # reaped: its pid runs nothing now
+  return proc.pid
+
+
+def test_a_local_lock_is_exclusive_and_one_left_by_a_killed_run_is_taken_over(tmp_path):
+  from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  messages = []
+  with workdir_lock.hold(str(tmp_path), log=messages.append):
+    owner = json.load(open(tmp_path / 'lock.json'))
+    assert owner['pid'] == os.getpid() and owner['host'] == socket.gethostname() and owner['since']
+    with pytest.raises(errors.ConfigError, match=rf'another trainer is running in it \(host .*, pid {os.getpid()},'):
+      with workdir_lock.hold(str(tmp_path)):
+        pass
+  assert not os.path.exists(tmp_path / 'lock.json') and not messages
+  # A killed run leaves its lock.json, but not its flock (the kernel drops it): taken over, saying whose it was.
+  dead = _dead_pid()
+  (tmp_path / 'lock.json').write_text(json.dumps({'host': 'elsewhere', 'pid': dead, 'since': 'then'}))
+  with workdir_lock.hold(str(tmp_path), log=messages.append):
+    assert json.load(open(tmp_path / 'lock.json'))['pid'] == os.getpid()
+  assert len(messages) == 1 and f'pid {dead}' in messages[0] and 'took over' in messages[0]

@@ -1,11 +1,13 @@
 """Samplers against CM Algorithm 1 written out by hand, determinism, archives and grids (no trained model needed)."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from immiscible_jax import errors
 from immiscible_jax import replicas
 from immiscible_jax import sampling
 
@@ -83,3 +85,32 @@ def test_uint8_archive_and_grid_round_trip(tmp_path):
   assert small[0, 0] == 255                             # the gap
   # 100 digits (8x8): 91 pixels at 1:1, 546 here (each digit 48 pixels wide).
   assert sampling.image_grid(np.zeros((100, 8, 8, 1), np.uint8)).size == (546, 546)
+
+
+def _images(n, value):
+  return np.full((n, 4, 4, 1), value, np.uint8)
+
+
+def test_a_sample_set_is_replaced_whole_and_read_by_its_manifest(tmp_path):
+  """Issue 21, case 4: sampling again with another shard size left the old shards beside the new ones, and both
+  were counted (32 instead of 16)."""
+  out = str(tmp_path / 'set')
+  sampling.save_samples(_images(16, 1), out, shard_size=8)
+  sampling.save_samples(_images(16, 2), out, shard_size=16)
+  np.testing.assert_array_equal(sampling.load_samples(out), _images(16, 2))
+  assert sorted(f for f in os.listdir(out) if f.endswith('.npz')) == ['samples_00000-of-00001.npz']
+
+
+def test_an_incomplete_sample_set_is_refused_naming_what_is_missing(tmp_path):
+  """Issue 21, case 4: with 3 of 6 shards deleted, or killed between shards (no manifest yet), the rest was
+  evaluated as if it were the whole set."""
+  out = tmp_path / 'set'
+  paths = sampling.save_samples(_images(48, 3), str(out), shard_size=8)
+  for path in paths[1:4]:
+    os.remove(path)
+  with pytest.raises(errors.ConfigError, match=r'3 of its 6 shards are missing') as error:
+    sampling.load_samples(str(out))
+  assert all(os.path.basename(p) in str(error.value) for p in paths[1:4])
+  os.remove(out / 'manifest.json')
+  with pytest.raises(errors.ConfigError, match=r'no manifest\.json'):
+    sampling.load_samples(str(out))

@@ -147,7 +147,7 @@ def test_sample_and_eval_write_their_outputs_to_the_bucket(trained):
   assert f'{samples}/samples_00000-of-00001.npz' in sample_out
   assert storage.load_npz(f'{samples}/samples_00000-of-00001.npz')['images'].shape == (16, 8, 8, 1)
   assert storage.read_bytes(f'{samples}/grid.png')[:8] == b'\x89PNG\r\n\x1a\n'
-  result = json.loads(storage.read_text(f'{WORKDIR}/eval_8.json'))
+  result = json.loads(storage.read_text(f'{WORKDIR}/eval_8_pixels_ds1.json'))
   assert result['step'] == 8 and np.isfinite(result['eval/fd_pixels']) and result['num_samples'] == 64
   assert json.dumps(result) in eval_out
   assert [n for n in storage.listdir(f'{cache}/stats') if n.startswith('digits_train_8px_n256')]
@@ -236,3 +236,47 @@ def test_image_archive_in_the_bucket_is_streamed_and_its_decoded_cache_kept_ther
   (cached,) = storage.listdir(f'{cache}/data')
   assert cached.startswith('tiny.tar.gz-train-') and cached.endswith('.npy')
   np.testing.assert_array_equal(storage.load_npy(f'{cache}/data/{cached}'), images)
+
+
+def _dead_pid():
+  proc = subprocess.Popen(['true'])
+  proc.wait()  # reaped: its pid runs nothing now
+  return proc.pid
+
+
+def test_the_workdir_lock_in_a_bucket_is_created_once_refuses_others_and_takes_over_a_stale_one(gcs):
+  """Issue 21, case 3, for gs:// workdirs: one create-if-absent object (ifGenerationMatch=0), an owner that still
+  runs (or runs on another host) refused with the command that removes the lock, a dead owner on this host taken
+  over, saying so; released only while still ours."""
+  del gcs
+  import socket  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import errors  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = f'gs://{BUCKET}/locked'
+  lock = f'{workdir}/lock.json'
+  assert storage.create_if_absent(f'{workdir}/once', b'1') is not None
+  assert storage.create_if_absent(f'{workdir}/once', b'2') is None  # the precondition holds: exactly one creates
+  assert storage.read_bytes(f'{workdir}/once') == b'1'
+  messages = []
+  with workdir_lock.hold(workdir, log=messages.append):
+    owner = json.loads(storage.read_text(lock))
+    assert (owner['host'], owner['pid']) == (socket.gethostname(), os.getpid())
+    with pytest.raises(errors.ConfigError, match=rf'another trainer is running in it \(host .*, pid {os.getpid()}, '
+                                                 rf'.*gcloud storage rm {lock}'):
+      with workdir_lock.hold(workdir):
+        pass
+  assert not storage.exists(lock) and not messages
+  elsewhere = json.dumps({'host': 'another-vm', 'pid': _dead_pid(), 'since': 'then'}).encode()
+  storage.write_bytes(lock, elsewhere)
+  with pytest.raises(errors.ConfigError, match=r'host another-vm'):
+    with workdir_lock.hold(workdir):
+      pass
+  assert storage.read_bytes(lock) == elsewhere  # another host's lock is never removed by a guess
+  dead = _dead_pid()
+  storage.write_bytes(lock, json.dumps({'host': socket.gethostname(), 'pid': dead, 'since': 'then'}).encode())
+  with workdir_lock.hold(workdir, log=messages.append):
+    assert json.loads(storage.read_text(lock))['pid'] == os.getpid()
+    _, generation = storage.read_with_generation(lock)
+    assert not storage.remove_if_generation(lock, int(generation) + 1)  # another generation: not removed
+  assert len(messages) == 1 and f'pid {dead}' in messages[0] and 'took over' in messages[0]
+  assert not storage.exists(lock)

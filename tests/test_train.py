@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import evaluators
 from immiscible_jax import models
@@ -209,3 +210,26 @@ def test_a_scanned_step_on_cpu_is_announced_at_start_up():
     note = train.cpu_scan_note(_tiny(**{'training.steps_per_dispatch': k, 'training.grad_accum_steps': accum}),
                                backend)
     assert (note is None) if said is None else (said in note and 'slower' in note), (k, accum, backend, note)
+
+
+class _StopBeforeCompiling(Exception):
+  pass
+
+
+def test_one_image_per_assignment_problem_is_announced_at_start_up(tmp_path, monkeypatch, capsys):
+  """Issue 21, case 13: with local scope and one image per device, every exact method leaves the noise as drawn
+  (reduction 0.0%) and the run said nothing. The loop is stopped where it would compile the step."""
+  monkeypatch.setattr(train, 'make_train_steps', lambda *a, **k: (_ for _ in ()).throw(_StopBeforeCompiling()))
+  with pytest.raises(_StopBeforeCompiling):
+    train.train_and_evaluate(_tiny(**{'training.batch_size': 8, 'assignment.method': 'jv'}), str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  assert 'one image per assignment problem' in out and 'scope=global' in out and 'knn' in out, out
+  # 8 forced devices: batch 8 is one image per device; the note names what to change, and is absent otherwise.
+  for method, batch, scope, devices, said in (('jv', 8, 'local', 8, 'scope=global'),
+                                              ('auction', 8, 'local', 8, 'scope=global'),
+                                              ('jv', 1, 'local', 1, 'knn'), ('jv', 16, 'local', 8, None),
+                                              ('jv', 8, 'global', 8, None), ('knn', 8, 'local', 8, None),
+                                              ('none', 8, 'local', 8, None)):
+    config = _tiny(**{'training.batch_size': batch, 'assignment.method': method, 'assignment.scope': scope})
+    note = assignment.problem_size_note(config, devices)
+    assert (note is None) if said is None else (said in note), (method, batch, scope, note)

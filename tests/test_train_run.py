@@ -118,7 +118,8 @@ def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_
   fresh = evaluators.evaluate(config, workdir)
   assert fresh['step'] == 300 and fresh['num_samples'] == config.eval.num_samples
   assert np.isfinite(fresh['eval/fd_pixels']) and fresh['eval/fd_pixels'] > 0
-  assert json.load(open(os.path.join(workdir, 'eval_300.json')))['eval/fd_pixels'] == fresh['eval/fd_pixels']
+  written = json.load(open(os.path.join(workdir, 'eval_300_pixels_ds1.json')))  # one file per step and metric
+  assert written['eval/fd_pixels'] == fresh['eval/fd_pixels']
   # The reference images themselves, saved as a sample archive, are at distance ~0 from their own statistics.
   real = data.load_images(config.data, config.eval.reference_split, config.eval.reference_num_images)
   path = sampling.save_samples(real, str(tmp_path / 'real'))[0]

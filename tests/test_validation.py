@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -18,8 +17,8 @@ import pytest
 
 from configs import tiny
 from immiscible_jax import errors
-from immiscible_jax import main as cli
 from immiscible_jax import train
+import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 # Lowering a function to MLIR and compiling it: neither may happen before a bad input is reported.
@@ -171,26 +170,8 @@ _BAD_COMMAND_LINES = {
 _TINY = os.path.join(_ROOT, 'configs', 'tiny.py')
 
 
-def _run_cli(argv):
-  """The command line in this process: main's flag parser, then main; returns the exit status."""
-  argv = ['main', *argv]
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:  # a previous run's --config.KEY flags
-    delattr(flags.FLAGS, name)
-  saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the --config.KEY overrides from sys.argv
-  try:
-    cli.main(cli._parse_flags(argv))  # pylint: disable=protected-access
-  except SystemExit as e:
-    return e.code
-  finally:
-    sys.argv = saved_argv
-  return 0
-
-
-def _assert_one_line_error(code, output, key):
-  assert code == 2, output
-  assert output.startswith('error: ') and output.endswith('\n') and output.count('\n') == 1, output
-  assert key in output and len(output) < 400 and 'Traceback' not in output, output
+_run_cli = command_line.run_cli
+_assert_one_line_error = command_line.assert_one_line_error
 
 
 @pytest.mark.parametrize('name', list(_BAD_COMMAND_LINES))
@@ -218,3 +199,118 @@ def test_bad_command_line_in_a_fresh_process_prints_only_that_line(name, tmp_pat
                         timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   _assert_one_line_error(done.returncode, done.stdout + done.stderr, key)
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('name', ['run [1]', 'run[ab]', 'run*', 'run?'])
+def test_a_workdir_that_orbax_would_glob_is_refused_before_anything(name, tmp_path, capfd, compilations):
+  """Issue 21, case 1: Orbax's checkpoint code globs paths under the workdir (etils' epath.glob does not escape the
+  folder), so `[1]` lost every checkpoint of a run that exited 0; `*` and `?` can match another run's folders."""
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / name}'])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, '--workdir')
+  assert not compilations and not os.path.exists(tmp_path / name)
+
+
+def _npz(path, **arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+def _truncated_npz(path):
+  _npz(path, images=np.zeros((8, 8, 8, 1), np.uint8))
+  os.truncate(path, os.path.getsize(path) // 2)
+  return path
+
+
+# Issue 21, case 10: each of these --samples for --mode=eval ended in a traceback.
+@pytest.mark.parametrize('make,cause', [
+    (_truncated_npz, 'not a readable .npz'),
+    (lambda p: _text(p) or p, 'not a readable .npz'),
+    (lambda p: _npz(p, pictures=np.zeros((8, 8, 8, 1), np.uint8)), "no 'images' array"),
+    (lambda p: _npz(p, images=np.zeros((8, 4, 4, 1), np.uint8)), 'images of shape (4, 4, 1)'),
+    (lambda p: _npz(p, images=np.zeros((8, 8, 8), np.uint8)), 'uint8 images [N, H, W, C]'),
+    (lambda p: _npz(p, images=np.zeros((1, 8, 8, 1), np.uint8)), 'at least 2 samples'),
+    (lambda p: p, 'does not exist'),
+], ids=['truncated', 'text', 'no_images', 'wrong_size', 'wrong_rank', 'one_image', 'missing'])
+def test_a_bad_sample_file_for_eval_is_one_line_naming_it(make, cause, tmp_path, capfd):
+  path = str(tmp_path / 'samples.npz')
+  make(path)
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / "run"}', '--mode=eval', f'--samples={path}'])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, path)
+  assert cause in out + err
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, capfd):
+  """Issue 21, case 10: a wrong --config path printed 40 lines (ml_collections reports it lazily)."""
+  code = _run_cli([f'--config={tmp_path / "nosuch.py"}', f'--workdir={tmp_path / "run"}'])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, f'--config={tmp_path / "nosuch.py"}')
+  assert 'No such file' in out + err and not os.path.exists(tmp_path / 'run')
+
+
+def test_a_data_path_the_dataset_does_not_read_is_refused(tmp_path, capfd, compilations):
+  """Issue 21, case 10: data.path=<archive> without data.dataset=folder trained on digits (or, for cifar10,
+  ended in a 60-line traceback and left an empty workdir)."""
+  archive = str(tmp_path / 'images.tar.gz')
+  open(archive, 'wb').close()
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / "run"}', f'--config.data.path={archive}'])
+  out, err = capfd.readouterr()
+  _assert_one_line_error(code, out + err, 'data.path')
+  assert "data.dataset='digits'" in out + err and not compilations and not os.path.exists(tmp_path / 'run')
+
+
+def test_unprepared_cifar10_is_one_line_and_leaves_no_workdir(tmp_path, capfd):
+  """Issue 21, case 10: the data error comes after main created the workdir; the refused run leaves none."""
+  code = _run_cli([f'--config={_TINY}', f'--workdir={tmp_path / "run"}', '--config.data.dataset=cifar10',
+                   '--config.data.image_size=32', '--config.data.channels=3', '--config.model.attn_resolutions=()',
+                   f'--config.data.tfds_data_dir={tmp_path / "tfds"}'])
+  output = ''.join(capfd.readouterr())
+  assert code == 2 and output.startswith('error: CIFAR-10') and output.count('\n') == 1, output
+  assert 'tfds build cifar10' in output and 'Traceback' not in output
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_file(tmp_path, capfd, monkeypatch):
+  """Issue 21, case 10: ENOSPC while writing config.json gave a 2,813-line log and left a 0-byte
+  config.json.<pid>.tmp. The disk is 'full' for files named config.json* (a stand-in for storage's open)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import storage  # pylint: disable=g-import-not-at-top
+  real_open = storage.open
+
+  class FullDisk:
+    def __init__(self, path):
+      self.name, self._file = path, real_open(path, 'wb')
+
+    def write(self, data):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self._file.close()
+
+  monkeypatch.setattr(storage, 'open', lambda path, mode='r': (
+      FullDisk(path) if 'config.json' in os.fspath(path) and 'w' in mode else real_open(path, mode)))
+  workdir = tmp_path / 'run'
+  code = _run_cli([f'--config={_TINY}', f'--workdir={workdir}'])
+  out, err = capfd.readouterr()
+  lines = [line for line in (out + err).splitlines() if line.startswith('error: ')]
+  assert code == 2 and len(lines) == 1, out + err
+  assert str(workdir / 'config.json') in lines[0] and 'No space left on device' in lines[0]
+  assert 'Traceback' not in out + err
+  assert not [name for name in os.listdir(workdir) if name.endswith('.tmp')]
+
+
+def test_disk_full_errors_raised_deep_inside_a_library_are_found():
+  import errno  # pylint: disable=g-import-not-at-top
+  try:
+    try:
+      raise ValueError('INTERNAL: Error writing "/w/checkpoints/8/state/d/abc": [OS error 28: No space left on device]')
+    except ValueError as inner:
+      raise RuntimeError('save failed') from inner
+  except RuntimeError as e:
+    assert 'No space left on device' in errors.disk_full_message(e)
+  assert 'x.json' in errors.disk_full_message(OSError(errno.ENOSPC, 'No space left on device', 'x.json'))
+  assert errors.disk_full_message(RuntimeError('something else')) is None
