@@ -10,16 +10,15 @@ every one of them read it, so they never train on from different states.
 Orbax does not notice flipped bytes inside an array file, so meta also holds a CRC-32 of every state leaf
 (about 4 GB/s here), checked after each restore.
 """
-import itertools
 import json
 import logging
 import zlib
 
 import jax
-from jax._src import distributed as jax_distributed  # the key-value store; Orbax's barriers use it too
 import numpy as np
 import orbax.checkpoint as ocp
 
+from immiscible_jax import agreement
 from immiscible_jax import errors
 from immiscible_jax import storage
 
@@ -54,28 +53,14 @@ def read_meta(manager, step):
   return json.loads(storage.read_text(storage.join(str(manager.directory), str(step), 'meta', 'metadata')))
 
 
-# How long a process waits for the others to report on a candidate step.
-_AGREEMENT_TIMEOUT_MS = 10 * 60 * 1000
 # What one process found at a candidate step.
 _READ, _UNREADABLE, _INCOMPATIBLE = 0, 1, 2
 
 
-_agreement_rounds = itertools.count()  # every process calls _gather equally often: round k has the same key
-
-
 def _gather(value):
-  """[process_count] ints: `value` from every process; every process must call it, in the same order.
-
-  Through the distributed runtime's key-value store (as Orbax's own barriers are), not a device collective:
-  no program to compile, and it cannot pair with a collective that a process runs inside Orbax.
-  """
-  if jax.process_count() == 1:
-    return np.array([value])
-  client = jax_distributed.global_state.client
-  key = f'immiscible_jax/restore/{next(_agreement_rounds)}'
-  client.key_value_set(f'{key}/{jax.process_index()}', str(int(value)))
-  return np.array([int(client.blocking_key_value_get(f'{key}/{p}', _AGREEMENT_TIMEOUT_MS))
-                   for p in range(jax.process_count())])
+  """[process_count] ints: `value` from every process (agreement.gather_ints: the key-value store, no device
+  collective); every process must call it, in the same order."""
+  return agreement.gather_ints(value, 'restore')
 
 
 def _is_incompatible(error):

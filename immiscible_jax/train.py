@@ -13,6 +13,7 @@ The step runs under either parallel.mode (replicas.py: jax.pmap, or jax.jit + ja
 the same per-device view, so both modes compute the same thing. The state and its factories are in
 train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
+import collections
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from immiscible_jax import agreement
 from immiscible_jax import assignment
 from immiscible_jax import checkpointing
 from immiscible_jax import config_checks
@@ -40,6 +42,10 @@ from immiscible_jax import storage
 from immiscible_jax import train_state
 
 AXIS = replicas.AXIS
+# Dispatches the host may have made that the device has not finished: after dispatching n the loop waits for
+# n - 1. Two keep the device fed (the next step is queued while the host prepares the one after) and bound how
+# long a stop waits: at most two dispatches of device time, not a queue of fifty.
+MAX_DISPATCHES_IN_FLIGHT = 2
 
 
 def draw_noise(key, example_ids, image_shape):
@@ -224,17 +230,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                        allow_schedule_change=False):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
-  evaluator: (host TrainState, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
-  and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
+  evaluator: (host TrainState, step, between_batches) -> {metric name: value}, run every eval.every_steps steps
+  (when > 0) and after the last step; it calls between_batches() after each of its batches (which raises
+  agreement.StopReached when the run must stop); None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
   schedules still follow training.num_steps. allow_schedule_change: resume even if a key of
   config_checks.RESUME_SCHEDULE changed (e.g. a raised training.num_steps). Returns the final host TrainState.
 
   Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
   k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
-  dispatch boundaries exactly as with k = 1. The preemption flag is checked after each dispatch (several
-  processes agree every 10 dispatches), so a signal stops the run at most k (10 k) steps later, with a
-  checkpoint of the step reached. The NaN guard sees every step's metrics (all k are returned) at each log and
+  dispatch boundaries exactly as with k = 1. The host runs at most MAX_DISPATCHES_IN_FLIGHT dispatches ahead of
+  the device and waits for it in short sleeps, never inside XLA, so signal handlers run while the device works.
+  The stop (agreement.StopPoints: a signal in one process, JAX's preemption sync point in several) is asked after
+  each dispatch and between the batches of an in-loop evaluation: a signal stops the run after the next dispatch
+  (several processes: after the dispatch all of them agree on, within about a second), with a checkpoint of the
+  step reached; during an evaluation, after its current batch, with that step's checkpoint (saved first, if that
+  step was not a checkpoint step). The NaN guard sees every step's metrics (all k are returned) at each log and
   names the window of steps it found them in; nothing of that window is saved. At a step that both saves and
   evaluates, the save is finished before the evaluator runs, so an evaluator that crashes (or is killed for its
   memory) cannot lose that checkpoint.
@@ -264,19 +275,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   d_state = layout.put_state(state)
   train_fn = make_train_steps(model, optimizer, config, layout, loss_params)
-  flag = preemption.install()
+  flag = preemption.install(notify_jax=jax.process_count() > 1)
+  stop = agreement.StopPoints(flag)
   meta = {'config': config.to_dict()}
   every_eval = config.eval.every_steps
   pending, t0 = [], time.time()
+  in_flight = collections.deque()  # metrics of the dispatches the device may not have finished
   try:
     while step < tcfg.num_steps:
-      d_state, metrics = train_fn(d_state, next(dispatches))
+      batches = next(dispatches)
+      d_state, metrics = train_fn(d_state, batches)
       pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
+      in_flight.append(pending[-1])
       step += k
+      while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
+        replicas.wait_until_ready(in_flight.popleft())
       last = step == tcfg.num_steps
-      preempted = flag.should_stop(step // k) or (stop_at_step is not None and step >= stop_at_step)
+      preempted = stop.reached() or (stop_at_step is not None and step >= stop_at_step)
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
       evaluate_now = evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0))
+      if in_flight and (save_now or evaluate_now or step % tcfg.log_every_steps == 0):
+        replicas.wait_until_ready(in_flight.pop())  # the host reads results now: wait where signals still work
+        in_flight.clear()
       if step % tcfg.log_every_steps == 0 or save_now:
         scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
         scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / (time.time() - t0)
@@ -294,7 +314,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         checkpointing.save(manager, step, host, meta)
       if evaluate_now:
         manager.wait_until_finished()  # this step's checkpoint is on disk before the evaluator can fail
-        writer.write(step, evaluator(host if host is not None else layout.host(d_state), step))
+        host = host if host is not None else layout.host(d_state)
+        try:
+          writer.write(step, evaluator(host, step, between_batches=stop.check))
+        except agreement.StopReached:
+          writer.log(f'preempted during the evaluation of step {step}: stopped between its batches')
+          if not save_now:
+            checkpointing.save(manager, step, host, meta)
+          preempted = True
         t0 = time.time()
       if preempted:
         manager.wait_until_finished()
