@@ -35,6 +35,7 @@ from immiscible_jax import errors
 from immiscible_jax import lpips
 from immiscible_jax import metric_writer
 from immiscible_jax import models
+from immiscible_jax import perf
 from immiscible_jax import prefetch
 from immiscible_jax import preemption
 from immiscible_jax import replicas
@@ -163,6 +164,21 @@ def frozen_loss_params(config):
   return lpips.load_params(lpips.weights_path(storage.default_cache_dir()))
 
 
+class TrainSteps:
+  """The compiled k-step function of a layout with the frozen inputs every call passes (make_train_steps)."""
+
+  def __init__(self, compiled, frozen):
+    self._compiled, self._frozen = compiled, frozen
+
+  def __call__(self, d_state, d_batches):
+    return self._compiled(d_state, d_batches, self._frozen)
+
+  def lower(self, d_state, d_batches):
+    """The lowered program for these arguments; after a call with their shapes, its compile() is the cached
+    executable (perf.flops_per_call reads its cost analysis without compiling again)."""
+    return self._compiled.lower(d_state, d_batches, self._frozen)
+
+
 def make_train_steps(model, optimizer, config, layout, loss_params=None):
   """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
   (device state, metrics); the state is donated. loss_params (frozen_loss_params; default {}) are put on the
@@ -170,8 +186,7 @@ def make_train_steps(model, optimizer, config, layout, loss_params=None):
   constants nor part of the trained, checkpointed state."""
   compiled = layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer,
                                               config=config))
-  d_loss_params = layout.put_state(loss_params if loss_params is not None else {})
-  return lambda d_state, d_batches: compiled(d_state, d_batches, d_loss_params)
+  return TrainSteps(compiled, layout.put_state(loss_params if loss_params is not None else {}))
 
 
 def cpu_scan_note(config, backend):
@@ -245,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   each dispatch and between the batches of an in-loop evaluation: a signal stops the run after the next dispatch
   (several processes: after the dispatch all of them agree on, within about a second), with a checkpoint of the
   step reached; during an evaluation, after its current batch, with that step's checkpoint (saved first, if that
-  step was not a checkpoint step). The NaN guard sees every step's metrics (all k are returned) at each log and
+  step was not a checkpoint step). The train step's FLOPs per image are read once from XLA's cost analysis and
+  perf/mfu is logged where the device's peak is known (perf.py). The NaN guard sees every step's metrics (all k are returned) at each log and
   names the window of steps it found them in; nothing of that window is saved. At a step that both saves and
   evaluates, the save is finished before the evaluator runs, so an evaluator that crashes (or is killed for its
   memory) cannot lose that checkpoint.
@@ -281,12 +297,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   every_eval = config.eval.every_steps
   pending, t0 = [], time.time()
   in_flight = collections.deque()  # metrics of the dispatches the device may not have finished
+  accounting = None  # (FLOPs per image, peak FLOP/s per device), read after the first dispatch
   try:
     while step < tcfg.num_steps:
       batches = next(dispatches)
       d_state, metrics = train_fn(d_state, batches)
       pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
       in_flight.append(pending[-1])
+      if accounting is None:
+        *accounting, line = perf.train_step_accounting(lambda: train_fn.lower(d_state, batches),
+                                                       tcfg.batch_size // jax.device_count(), config.model.dtype,
+                                                       tcfg.grad_accum_steps)
+        writer.log(line)
       step += k
       while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
         replicas.wait_until_ready(in_flight.popleft())
@@ -300,6 +322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
       if step % tcfg.log_every_steps == 0 or save_now:
         scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
         scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / (time.time() - t0)
+        mfu = perf.mfu(scalars['perf/images_per_sec'], *accounting, jax.device_count())
+        if mfu is not None:
+          scalars['perf/mfu'] = mfu
         writer.write(step, scalars)
         first, pending, t0 = step - len(pending) * k + 1, [], time.time()  # first: the window's first step
         if not all(np.isfinite(v) for v in scalars.values()):
