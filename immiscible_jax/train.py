@@ -134,6 +134,9 @@ def train_step(state, batch, loss_params, *, apply_fn, optimizer, config):
       'assignment/distance_before': info.distance_before,
       'assignment/distance_after': info.distance_after,
   }
+  if info.converged is not None:  # jv, auction, sinkhorn: the share of solves within their caps, their depth
+    metrics['assignment/converged'] = info.converged
+    metrics['assignment/sequential_steps'] = info.sequential_steps
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
