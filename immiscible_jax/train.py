@@ -38,6 +38,7 @@ from immiscible_jax import models
 from immiscible_jax import perf
 from immiscible_jax import prefetch
 from immiscible_jax import preemption
+from immiscible_jax import profiling
 from immiscible_jax import replicas
 from immiscible_jax import storage
 from immiscible_jax import train_state
@@ -301,10 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   pending, t0 = [], time.time()
   in_flight = collections.deque()  # metrics of the dispatches the device may not have finished
   accounting = None  # (FLOPs per image, peak FLOP/s per device), read after the first dispatch
+  trace = profiling.StepTrace(config.profile, workdir, writer.log)
   try:
     while step < tcfg.num_steps:
+      trace.before_dispatch(step)
       batches = next(dispatches)
-      d_state, metrics = train_fn(d_state, batches)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+        d_state, metrics = train_fn(d_state, batches)
       pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
       in_flight.append(pending[-1])
       if accounting is None:
@@ -315,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
       step += k
       while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
         replicas.wait_until_ready(in_flight.popleft())
+      trace.after_dispatch(step, metrics)
       last = step == tcfg.num_steps
       preempted = stop.reached() or (stop_at_step is not None and step >= stop_at_step)
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
@@ -356,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         writer.log(f'preempted: saved step {step} to {manager.directory}; exiting')
         break
   finally:
+    trace.close()
     manager.wait_until_finished()
     writer.close()
     flag.uninstall()
