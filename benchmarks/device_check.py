@@ -18,8 +18,9 @@ only the part that was running; a table is printed at the end.
                Without the converted LPIPS weights in the cache, LPIPS runs on random weights of the same shapes
                (same cost; said in the row)
   assignment   assign_noise alone (jitted, bf16 inputs, sqeuclidean cost) for auction, jv, sinkhorn at B = 1024,
-               4096, 256: median ms, loop iterations (loop_steps), the cost matrix alone, and per-iteration loop
-               cost = (ms - cost-matrix ms) / iterations: what README's GPU advice assumes (5-10 us)
+               4096, 256: median ms, loop iterations (the solver's own count), the cost matrix alone, and
+               per-iteration loop cost = (ms - cost-matrix ms) / iterations: what README's GPU advice assumes
+               (5-10 us)
   study:*      one arm of the CPU study (configs/cifar10_small.py, 16x16, batch 128, assignment none) alone for 200
                steps through `python -m immiscible_jax.main`, with and without the settings the H200 attempt used
                (XLA_FLAGS=--xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops=true,
@@ -194,7 +195,7 @@ def part_assignment(smoke, workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import assignment as assignment_bench  # pylint: disable=g-import-not-at-top  # benchmarks/assignment.py
-  from immiscible_jax import assignment, loop_steps  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import assignment  # pylint: disable=g-import-not-at-top
   sizes = (16,) if smoke else (1024, 4096, 256)
   archive = _archive()
   pool, source = assignment_bench.load_images(archive or '', max(sizes))
@@ -206,11 +207,12 @@ def part_assignment(smoke, workdir):
     cost_ms = assignment_bench.median_ms(cost_only, (images, noise), 10)
     for method in ('auction', 'jv', 'sinkhorn'):
       config = assignment_bench.make_config(method, 'sqeuclidean', 'bfloat16')
-      assign = lambda x, n, k, config=config: assignment.assign_noise(x, n, k, config)
-      ms = assignment_bench.median_ms(jax.jit(lambda x, n, k, f=assign: f(x, n, k)[0]), (images, noise, key), 10)
-      _, steps = jax.jit(loop_steps.counting(assign))(images, noise, key)
-      _, info = jax.jit(assign)(images, noise, key)
-      steps = int(steps)
+      # One compile per case: the solver's own iteration count (info.sequential_steps) equals loop_steps' count
+      # (tests/test_assignment.py), so the program is not traced a second time to count its loops.
+      assign = jax.jit(lambda x, n, k, config=config: assignment.assign_noise(x, n, k, config))
+      ms = assignment_bench.median_ms(assign, (images, noise, key), 10)
+      _, info = assign(images, noise, key)
+      steps = int(info.sequential_steps)
       rows.append(dict(batch_size=size, method=method, median_ms=round(ms, 3), cost_matrix_ms=round(cost_ms, 3),
                        sequential_steps=steps, converged=float(info.converged),
                        us_per_iteration=round(1e3 * max(ms - cost_ms, 0.0) / steps, 3) if steps else None))
