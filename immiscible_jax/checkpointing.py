@@ -9,8 +9,9 @@ With several processes every candidate step is agreed on: all processes try the 
 every one of them read it, so they never train on from different states.
 Orbax does not notice flipped bytes inside an array file, so meta also holds a CRC-32 of every state leaf
 (about 4 GB/s here), checked after each restore.
-A save costs the training thread only the copy of the state to the host: BackgroundSaves runs the checksums and
-Orbax's synchronous part on a thread of its own (benchmarks/checkpoint_save.py measures each part).
+In a single-process run a save costs the training thread only the copy of the state to the host: BackgroundSaves
+runs the checksums and Orbax's synchronous part on a thread of its own (benchmarks/checkpoint_save.py measures
+each part); with several processes they stay on the training thread (background_saves says why).
 """
 import json
 import logging
@@ -78,6 +79,16 @@ class BackgroundSaves:
   def __getattr__(self, name):
     self.join()
     return getattr(self.manager, name)
+
+
+def background_saves(manager):
+  """The training loop's manager: BackgroundSaves in a single-process run. With several processes the manager
+  itself: Orbax starts every save with a barrier that is a device collective, which every process must issue in
+  the same order relative to the train step's collectives; from a thread of its own it interleaves differently
+  in each process (the two-process test deadlocked: one process in the barrier, the other in a step's pmean).
+  Deferring the save() call to the next dispatch boundary, with only the checksums on the thread, would keep the
+  order; not done."""
+  return BackgroundSaves(manager) if jax.process_count() == 1 else manager
 
 
 def save(manager, step, state, meta):

@@ -277,8 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   lr_fn = train_state.learning_rate_schedule(config.optim)
   start_stream = data.train_stream(config.data, tcfg.batch_size, config.seed)  # bad data fails before compiling
   loss_params = frozen_loss_params(config)  # and so do missing LPIPS weights
-  # Saves start on a thread of their own: the training thread only copies the state to the host.
-  manager = checkpointing.BackgroundSaves(checkpointing.create_manager(workdir, config.checkpoint))
+  # One process: saves start on a thread of their own; the training thread only copies the state to the host.
+  manager = checkpointing.background_saves(checkpointing.create_manager(workdir, config.checkpoint))
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
   state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
   step = int(state.step)

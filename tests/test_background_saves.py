@@ -41,3 +41,12 @@ def test_saves_start_off_the_training_thread_in_order_and_failures_surface_there
   with pytest.raises(OSError, match='injected: cannot write step 3'):
     manager.check_for_errors()
   assert manager.latest_step() == 2  # the error is raised once
+
+
+def test_several_processes_keep_saving_on_the_training_thread(monkeypatch):
+  """Orbax's start-of-save barrier is a device collective that must stay in program order in every process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  inner = _Manager()
+  assert isinstance(checkpointing.background_saves(inner), checkpointing.BackgroundSaves)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  assert checkpointing.background_saves(inner) is inner
