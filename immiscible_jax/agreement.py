@@ -2,6 +2,8 @@
 
   gather_ints(value)      one small int from every process, through the coordination service's key-value store:
                           checkpointing.restore agrees on the step to read (and on who could read it)
+  from_process0(name, s)  process 0's string in every process, through the same store (a decision only process 0
+                          can make, e.g. a workdir lock)
   allgather_float64(x)    a float64 array from every process, bit for bit, by a device all-gather:
                           evaluation sums the feature moments of each process's samples
   barrier(name)           every process reaches this point: the one writer of the reference statistics' cache
@@ -45,6 +47,23 @@ def gather_ints(value, name='restore'):
   client.key_value_set(f'{key}/{jax.process_index()}', str(int(value)))
   return np.array([int(client.blocking_key_value_get(f'{key}/{p}', _GATHER_TIMEOUT_MS))
                    for p in range(jax.process_count())])
+
+
+_shared_rounds = itertools.count()  # every process calls from_process0 equally often: round k has the same key
+
+
+def from_process0(name, text=None):
+  """Process 0's `text` (a str), returned in every process: process 0 passes it, the others pass None and wait
+  for it, through the key-value store. Every process must call it, equally often, in the same order. (For a
+  decision only process 0 can make, such as taking a workdir lock.)"""
+  if jax.process_count() == 1:
+    return text
+  client = key_value_client()
+  key = f'immiscible_jax/{name}/{next(_shared_rounds)}'
+  if jax.process_index() == 0:
+    client.key_value_set(key, text)
+    return text
+  return client.blocking_key_value_get(key, _GATHER_TIMEOUT_MS)
 
 
 def allgather_float64(x):

@@ -32,6 +32,7 @@ def test_the_preemption_sync_point_is_public_and_off_in_one_process():
 
 def test_one_process_agrees_with_itself():
   np.testing.assert_array_equal(agreement.gather_ints(7), [7])
+  assert agreement.from_process0('decision', 'held') == 'held'
   x = np.arange(6, dtype=np.float64).reshape(2, 3) / 3
   np.testing.assert_array_equal(agreement.allgather_float64(x), x[None])
   agreement.barrier('nothing to wait for')
