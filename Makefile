@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test-$(shell cksum requirements-test.txt | cut 
 CACHE ?= $(HOME)/.cache/immiscible_jax
 WORKDIR ?= workdirs/demo
 
-.PHONY: venv test demo weights bench bench-accel study clean
+.PHONY: venv test demo weights bench bench-accel device-check device-wheels study clean
 
 venv: $(STAMP)
 
@@ -66,7 +66,20 @@ study: $(STAMP)
 clean:
 	rm -rf $(VENV) workdirs
 
-# On a machine with an accelerator (install jax for it first; see README): train step, assignment, sampling and
-# Inception throughput in at most 8 minutes; one JSON (device named) in benchmarks/results/ and a table.
-bench-accel: $(STAMP)
-	$(PY) benchmarks/accelerator.py --budget_s=480
+# The first command on a lent GPU or TPU, run before anything else uses the device: train step (images/s, MFU,
+# memory) of both CIFAR-10 configs, assignment loop cost, one study arm with and without the deterministic flags,
+# in at most 8 minutes; benchmarks/results/device_check_<device>.json after every part and a table. No venv (the
+# device machine has no network): the machine's python3, plus the wheels carried in .whl/ (benchmarks/device_check.sh).
+device-check:
+	bash benchmarks/device_check.sh --budget_s=480
+bench-accel: device-check
+
+# Here, with network: the wheels a stock JAX GPU image lacks (what the H200 session had to carry), for
+# DEVICE_PYTHON (the device image's Python, e.g. 3.12) into .whl/ (git-ignored; carry it). Pinned as requirements.txt.
+DEVICE_PYTHON ?= 3.11
+DEVICE_WHEELS := ott-jax==0.6.0 jaxopt==0.8.5 lineax==0.1.1 equinox==0.13.8 jaxtyping wadler-lindig \
+	grain==0.2.18 array-record ml_collections==1.1.0
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d .whl $(DEVICE_WHEELS)

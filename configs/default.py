@@ -218,6 +218,14 @@ def get_config():
   # jax.shard_map over a one-axis Mesh, state replicated by sharding). Same per-device step and results.
   parallel.mode = 'pmap'
 
+  config.profile = profile = ml_collections.ConfigDict()
+  # First step of the jax.profiler trace of the training loop (int >= 0): tracing starts at the first dispatch
+  # boundary at or after it (compilation and the first steps are best left out).
+  profile.start_step = 10
+  # Steps to trace from profile.start_step (int >= 0; 0 = no trace, the default). Process 0 writes the trace to
+  # WORKDIR/profile (TensorBoard's profile plugin; perfetto_trace.json.gz for ui.perfetto.dev).
+  profile.num_steps = 0
+
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
   # Save a checkpoint every this many steps (int > 0; a multiple of training.steps_per_dispatch); also at the
   # end and on preemption.

@@ -15,6 +15,8 @@ Non-finite inputs: if any image or noise value in the problem is NaN or inf, eve
 returns all-NaN noise (and NaN distances), so the trainer's NaN guard stops the run at that step; the
 solvers run on a zeroed cost meanwhile, so they always terminate. 'none' returns its input unchanged.
 """
+from typing import Optional
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -29,10 +31,19 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 SCOPES = ('local', 'global')
 
 
+# The solvers that report whether they finished within their loop caps and how many loop iterations they ran.
+REPORTING_METHODS = ('jv', 'auction', 'sinkhorn')
+
+
 @flax.struct.dataclass
 class AssignmentInfo:
   distance_before: jax.Array  # [] mean image-noise L2 distance with the given pairing
   distance_after: jax.Array  # [] mean image-noise L2 distance after assignment
+  # REPORTING_METHODS only (None otherwise): 1.0 if the solver finished within its caps, else 0.0 (jv: every
+  # Dijkstra search ended, i.e. exact; auction: bidding placed every row within auction_max_rounds; sinkhorn:
+  # the marginals met sinkhorn_threshold within sinkhorn_max_iterations); and its loop iterations (float32).
+  converged: Optional[jax.Array] = None  # []
+  sequential_steps: Optional[jax.Array] = None  # []
 
 
 def _check(ok, key, allowed, value):
@@ -101,23 +112,28 @@ def cost_matrix(images, noise, cost, dtype):
 
 
 def solve(cost, assignment_config):
-  """Permutation `perm` ([B] int32) minimising sum_i cost[i, perm[i]] with the configured method."""
+  """(perm, stats): the permutation `perm` ([B] int32) minimising sum_i cost[i, perm[i]] with the configured
+  method, and for REPORTING_METHODS the solver's {'converged', 'sequential_steps'} (None for the others)."""
   c, method = assignment_config, assignment_config.method
   if cost.shape[0] == 1:
-    return jnp.zeros(1, jnp.int32)
+    return jnp.zeros(1, jnp.int32), None
   if method == 'hungarian':
-    return solvers.hungarian(cost)
-  if method == 'jv':
-    return solvers.jv(cost, c.jv_warm_start_epsilon, c.jv_warm_start_iterations, c.jv_arr_sweeps)
-  if method == 'auction':
-    return solvers.auction(cost, c.auction_epsilon, c.auction_warm_start_epsilon,
-                           c.auction_warm_start_iterations, c.auction_max_rounds, c.auction_swap_rounds)
-  if method == 'sinkhorn':
-    return solvers.sinkhorn(cost, c.sinkhorn_epsilon, c.sinkhorn_max_iterations, c.sinkhorn_threshold,
-                            c.sinkhorn_arr_sweeps)
+    return solvers.hungarian(cost), None
   if method == 'scipy':
-    return solvers.scipy_lsa(cost)
-  raise ValueError(f'assignment.method {method!r} is not a permutation method')
+    return solvers.scipy_lsa(cost), None
+  if method == 'jv':
+    perm, stats = solvers.jv(cost, c.jv_warm_start_epsilon, c.jv_warm_start_iterations, c.jv_arr_sweeps,
+                             return_stats=True)
+  elif method == 'auction':
+    perm, stats = solvers.auction(cost, c.auction_epsilon, c.auction_warm_start_epsilon,
+                                  c.auction_warm_start_iterations, c.auction_max_rounds, c.auction_swap_rounds,
+                                  return_stats=True)
+  elif method == 'sinkhorn':
+    perm, stats = solvers.sinkhorn(cost, c.sinkhorn_epsilon, c.sinkhorn_max_iterations, c.sinkhorn_threshold,
+                                   c.sinkhorn_arr_sweeps, return_stats=True)
+  else:
+    raise ValueError(f'assignment.method {method!r} is not a permutation method')
+  return perm, {'converged': stats['converged'], 'sequential_steps': stats['sequential_steps']}
 
 
 def _all_finite(*arrays):
@@ -160,20 +176,22 @@ def _permute(images, noise, assignment_config, axis_name):
     all_images, all_noise = images, noise
   finite = _all_finite(all_images, all_noise)
   cost = cost_matrix(all_images, all_noise, c.cost, dtype)
-  perm = solve(jnp.where(finite, cost, 0.0), c)
+  perm, stats = solve(jnp.where(finite, cost, 0.0), c)
   if gathered:
     # Every device solved the same problem; device 0's answer is used by all, so the global
     # permutation stays one permutation even if devices ever rounded differently.
     perm = jax.lax.all_gather(perm, axis_name)[0]
     start = jax.lax.axis_index(axis_name) * noise.shape[0]
     perm = jax.lax.dynamic_slice_in_dim(perm, start, noise.shape[0])
-  return jnp.where(finite, all_noise[perm], jnp.nan)
+  return jnp.where(finite, all_noise[perm], jnp.nan), stats
 
 
 def assign_noise(images, noise, key, assignment_config, axis_name=None):
   """Returns (noise to use for each image [B, H, W, C], AssignmentInfo).
 
-  images, noise: [B, H, W, C] float32 (this device's shard under pmap). key: PRNG key, used by 'knn' only
+  images, noise: [B, H, W, C] float32 (this device's shard under pmap). For REPORTING_METHODS the info also says
+  whether the solver finished within its caps and how many loop iterations it ran (scope 'global': the one
+  solve every device repeats). key: PRNG key, used by 'knn' only
   (the device index is folded in when axis_name is given, so a replicated key still gives independent
   draws per device). axis_name: the pmap axis; scope='global' gathers over it (all hosts), solves the
   global problem on every device and keeps this device's slice; without it 'global' equals 'local'.
@@ -182,6 +200,7 @@ def assign_noise(images, noise, key, assignment_config, axis_name=None):
   if images.shape != noise.shape:
     raise ValueError(f'images and noise must have the same shape, got {images.shape} and {noise.shape}')
   c = assignment_config
+  stats = None
   if c.method == 'none':
     out = noise
   elif c.method == 'knn':
@@ -190,7 +209,10 @@ def assign_noise(images, noise, key, assignment_config, axis_name=None):
     out = _knn(images, noise, key, c.knn_k, DTYPES[c.dtype])
     out = jnp.where(_all_finite(images, noise), out, jnp.nan)
   else:
-    out = _permute(images, noise, c, axis_name)
+    out, stats = _permute(images, noise, c, axis_name)
   info = AssignmentInfo(distance_before=_mean_distance(images, noise),
                         distance_after=_mean_distance(images, out))
+  if stats is not None:
+    info = info.replace(converged=stats['converged'].astype(jnp.float32),
+                        sequential_steps=jnp.asarray(stats['sequential_steps'], jnp.float32))
   return out, info

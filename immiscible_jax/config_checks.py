@@ -151,6 +151,9 @@ def _check_optim_sampling_checkpoint(config):
   _require(s.shard_size > 0, 'sampling.shard_size', f'must be positive, got {s.shard_size}')
   _require(c.every_steps > 0, 'checkpoint.every_steps', f'must be positive, got {c.every_steps}')
   _require(c.max_to_keep > 0, 'checkpoint.max_to_keep', f'must be positive, got {c.max_to_keep}')
+  for key in ('start_step', 'num_steps'):
+    value = config.profile[key]
+    _require(isinstance(value, int) and value >= 0, f'profile.{key}', f'must be an integer >= 0, got {value!r}')
 
 
 def validate(config, for_training=True):

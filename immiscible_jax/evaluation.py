@@ -10,9 +10,9 @@ from typing import Protocol
 
 import flax.jax_utils
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
+from immiscible_jax import agreement
 from immiscible_jax import errors
 from immiscible_jax import inception
 from immiscible_jax import storage
@@ -24,8 +24,9 @@ INCEPTION_NAME = 'inception_v3_tf2015'
 class Extractor(Protocol):
   name: str  # Identifies the features in cache keys, e.g. 'pixels_ds1', 'inception_v3_tf2015'.
 
-  def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
-    ...
+  def __call__(self, images_uint8: np.ndarray, between_batches=None) -> np.ndarray:
+    """between_batches: called after each batch of a batched extractor (the training loop's stop check), the
+    same number of times for the same number of images."""
 
 
 def validate_config(eval_config):
@@ -50,16 +51,6 @@ def compute_statistics(features):
   return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
-def _gather_float64(x):
-  """[process_count, *x.shape]: float64 `x` from every process, bit for bit (sent as uint32 words: device
-  collectives carry no float64 without jax_enable_x64)."""
-  x = np.ascontiguousarray(x, np.float64)
-  if jax.process_count() == 1:
-    return x[None]
-  words = multihost_utils.process_allgather(x.view(np.uint32))
-  return np.asarray(words).view(np.float64).reshape(jax.process_count(), *x.shape)
-
-
 def statistics_across_processes(features):
   """(mean, covariance) of the union of every process's features [N_p, D], as compute_statistics gives for
   their concatenation (up to float64 round-off): each process sends only its count and moment sums, in float64.
@@ -67,7 +58,7 @@ def statistics_across_processes(features):
   features = np.asarray(features, np.float64)
   d = features.shape[1]
   sums = np.concatenate([[len(features)], features.sum(0), (features.T @ features).reshape(-1)])
-  total = _gather_float64(sums).sum(0)
+  total = agreement.allgather_float64(sums).sum(0)
   n, mean = total[0], total[1:1 + d] / total[0]
   if n < 2:
     raise ValueError(f'Need >= 2 features over all processes, got {int(n)}.')
@@ -130,7 +121,8 @@ class PixelExtractor:
     self.downsample = downsample
     self.name = f'pixels_ds{downsample}'
 
-  def __call__(self, images_uint8):
+  def __call__(self, images_uint8, between_batches=None):
+    del between_batches  # numpy on the host, no device batches to stop between
     images = _check_images(images_uint8)
     n, h, w, c = images.shape
     k = self.downsample
@@ -168,7 +160,7 @@ class BatchedFeatures:
       self._fn = jax.jit(fn)
       self._params = jax.device_put(params)
 
-  def __call__(self, images_uint8):
+  def __call__(self, images_uint8, between_batches=None):
     images = _check_images(images_uint8)
     n = images.shape[0]
     step = self.batch_size * self.num_devices
@@ -180,7 +172,12 @@ class BatchedFeatures:
         batch = np.concatenate([batch, pad])
       if self.num_devices > 1:
         batch = batch.reshape((self.num_devices, self.batch_size) + batch.shape[1:])
-      outputs.append(self._fn(self._params, batch))  # Dispatch is asynchronous: fetch after the loop.
+      outputs.append(self._fn(self._params, batch))  # dispatched asynchronously: the host pads the next batch
+      if between_batches is not None:
+        # At most two batches in flight, so that a stop between batches is not a wait for all queued ones.
+        if len(outputs) > 1:
+          outputs[-2] = np.asarray(outputs[-2])
+        between_batches()
     if not outputs:
       raise ValueError('No images to extract features from.')
     features = np.concatenate([np.asarray(o).reshape(step, -1) for o in outputs])

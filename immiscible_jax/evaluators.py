@@ -14,8 +14,8 @@ import re
 
 import flax.jax_utils
 import jax
-from jax.experimental import multihost_utils
 
+from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import data
 from immiscible_jax import errors
@@ -45,7 +45,7 @@ def _reference_stats(config, extractor):
     return compute()
   if jax.process_index() == 0:  # one writer of the cache file; the others read it after the barrier
     stats = compute()
-  multihost_utils.sync_global_devices('immiscible_jax reference statistics')
+  agreement.barrier('immiscible_jax reference statistics')
   return stats if jax.process_index() == 0 else compute()
 
 
@@ -72,15 +72,20 @@ class TrainingEvaluator:
     if warning and jax.process_index() == 0:
       print(f'note: {metric_name(config.eval)} during training: {warning}')
 
-  def __call__(self, state, step):
+  def __call__(self, state, step, between_batches=None):
+    """between_batches: called after every batch of samples and of features (the training loop's stop check,
+    agreement.StopPoints.check), equally often in every process: each draws and extracts as many images as the
+    largest share, and drops the one extra image a smaller share then has."""
     cfg = self._config
     key = jax.random.fold_in(jax.random.key(cfg.sampling.seed), 10_000_019)  # same noise at every eval
     start, count = evaluation.process_share(cfg.eval.num_samples)
+    largest = -(-cfg.eval.num_samples // jax.process_count())
     params = flax.jax_utils.replicate(state.ema_params)
-    images = sampling.generate(self._sampler, params, key, count, data.image_shape(cfg.data), cfg.eval.batch_size,
-                               start_index=start)
-    value = frechet_to_reference(cfg, self._extractor, self._reference, sampling.to_uint8(images))
-    return {metric_name(cfg.eval): value}
+    images = sampling.generate(self._sampler, params, key, largest, data.image_shape(cfg.data), cfg.eval.batch_size,
+                               start_index=start, between_batches=between_batches)
+    features = self._extractor(sampling.to_uint8(images), between_batches=between_batches)[:count]
+    mu, sigma = evaluation.statistics_across_processes(features)
+    return {metric_name(cfg.eval): float(evaluation.frechet_distance(mu, sigma, *self._reference))}
 
 
 def _sample_size_warning(config, num_samples, reference):

@@ -80,6 +80,13 @@ def main(argv):
     if FLAGS.traceback:
       raise
     _fail(str(e))
+  except KeyboardInterrupt:  # the second Ctrl-C (preemption.py): leave now
+    sys.stdout.flush()
+    sys.stderr.write('aborted by a second Ctrl-C: the current step is not saved; the run resumes from its last '
+                     'checkpoint\n')
+    sys.stderr.flush()
+    # Not sys.exit: interpreter shutdown waits for the computations still running on the device.
+    os._exit(130)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     full = errors.disk_full_message(e)
     if full is None or FLAGS.traceback:

@@ -1,32 +1,40 @@
-"""SIGTERM / SIGINT become "checkpoint at this step and exit 0", agreed on by every process.
+"""SIGTERM / SIGINT become "checkpoint at this step and exit 0"; a second Ctrl-C leaves at once, unsaved.
 
-The handler only sets a flag; the training loop asks `should_stop(step)` after each step. With one process the
-answer is the flag itself. With several, processes must stop at the *same* step (the checkpoint is collective),
-so every `sync_every` steps they all-gather their flags and stop together if any was signalled (one tiny host
-collective per interval: no per-step host sync). A second SIGINT (Ctrl-C again) aborts at once, unsaved.
+The handlers only set a flag (and say so on stderr); where every process stops is decided by
+agreement.StopPoints, which the training loop asks after each dispatch and the evaluator between its batches.
+  one process       SIGTERM and SIGINT set the flag.
+  several processes SIGTERM is left to JAX: jax.distributed.initialize installed its preemption notifier's own
+                    handler, which tells every process (a Python handler would replace it). SIGINT sets the flag
+                    and passes the notice on by raising SIGTERM in this process.
+A second SIGINT raises KeyboardInterrupt; main.py then leaves with status 130 without waiting for the device.
+The main thread never blocks inside a device wait (replicas.wait_until_ready sleeps between polls), so the
+handlers run while the device is busy.
 """
+import os
 import signal
-
-import jax
-import numpy as np
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
 
-  def __init__(self, sync_every=10):
+  def __init__(self, notify_jax=False):
     self.signalled = False
-    self._sync_every = sync_every
+    self._notify_jax = notify_jax
     self._previous = {}
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     if self.signalled and signum == signal.SIGINT:
       raise KeyboardInterrupt  # The user insists: leave without the checkpoint.
+    if not self.signalled:
+      # os.write, not print: the handler may interrupt a print of the main thread (reentrant buffered write).
+      os.write(2, f'{signal.Signals(signum).name}: stopping at the next step with a checkpoint '
+                  '(Ctrl-C again to abort without one)\n'.encode())
     self.signalled = True
+    if self._notify_jax and signum == signal.SIGINT:
+      signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier, which tells the other processes
 
   def install(self):
-    for sig in _SIGNALS:
+    signals = (signal.SIGINT,) if self._notify_jax else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handler)
       except ValueError:  # not the main thread: leave signals alone
@@ -38,15 +46,8 @@ class PreemptionFlag:
       signal.signal(sig, previous)
     self._previous = {}
 
-  def should_stop(self, step):
-    if jax.process_count() == 1:
-      return self.signalled
-    if step % self._sync_every:
-      return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.array([self.signalled], np.int32))
-    return bool(np.any(flags))
 
-
-def install(sync_every=10):
-  return PreemptionFlag(sync_every).install()
+def install(notify_jax=False):
+  """The flag with its handlers installed. notify_jax: several processes, whose SIGTERM belongs to JAX's
+  preemption notifier (see the module docstring)."""
+  return PreemptionFlag(notify_jax).install()

@@ -10,6 +10,8 @@ every device of every process in process order (process i holds the i-th block o
 collectives and its global example indices are the same in both. A layout's `host` reads one local copy back
 without any device computation, so checkpoints hold host numpy state that either mode restores.
 """
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,17 @@ def create_layout(mode, devices=None):
 @jax.jit
 def _concatenate(firsts):
   return jax.tree_util.tree_map(lambda *xs: jnp.concatenate([x.reshape(-1) for x in xs]), *firsts)
+
+
+def wait_until_ready(tree, longest_sleep_s=0.002):
+  """Returns once every array of `tree` is computed, without blocking inside XLA: it polls and sleeps (10 us,
+  doubling up to longest_sleep_s), so Python runs the signal handlers meanwhile and a second Ctrl-C is not held
+  up by a step that takes minutes. The poll is late by at most longest_sleep_s."""
+  for x in jax.tree_util.tree_leaves(tree):
+    delay = 1e-5
+    while isinstance(x, jax.Array) and not x.is_ready():
+      time.sleep(delay)
+      delay = min(2 * delay, longest_sleep_s)
 
 
 def fetch_stacked(firsts):

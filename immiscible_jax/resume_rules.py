@@ -100,6 +100,8 @@ RULES = {
     'sampling.shard_size': (FREE, 'read by --mode=sample only'),
     'sampling.seed': (EXPERIMENT, "the training evaluator's noise: the logged metric's samples"),
     'parallel.mode': (FREE, 'the same step to float32 rounding; checkpoints resume across modes (tested)'),
+    'profile.start_step': (FREE, 'which steps are traced, not what they compute'),
+    'profile.num_steps': (FREE, 'which steps are traced, not what they compute'),
     'checkpoint.every_steps': (FREE, 'when checkpoints are written'),
     'checkpoint.max_to_keep': (FREE, 'how many are kept'),
 }

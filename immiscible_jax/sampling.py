@@ -43,10 +43,12 @@ def make_sampler(apply_fn, image_shape, sigmas, sigma_min, sigma_data):
   return jax.pmap(fn, axis_name='batch')
 
 
-def generate(sampler, replicated_params, key, num_samples, image_shape, per_device_batch=256, start_index=0):
+def generate(sampler, replicated_params, key, num_samples, image_shape, per_device_batch=256, start_index=0,
+             between_batches=None):
   """num_samples images as float32 numpy [N, H, W, C], in chunks of local_devices x per_device_batch.
 
   Under several processes each process generates its own part: pass start_index = its first sample index.
+  between_batches: called after each chunk (the training loop's stop check).
   """
   n_dev = jax.local_device_count()
   per_device_batch = max(1, min(per_device_batch, math.ceil(num_samples / n_dev)))
@@ -56,6 +58,8 @@ def generate(sampler, replicated_params, key, num_samples, image_shape, per_devi
   for begin in range(0, num_samples, chunk):
     ids = start_index + begin + np.arange(chunk, dtype=np.int32).reshape(n_dev, per_device_batch)
     out.append(np.asarray(sampler(replicated_params, keys, ids)).reshape(chunk, *image_shape))
+    if between_batches is not None:
+      between_batches()
   return np.concatenate(out)[:num_samples]
 
 

@@ -13,6 +13,7 @@ The step runs under either parallel.mode (replicas.py: jax.pmap, or jax.jit + ja
 the same per-device view, so both modes compute the same thing. The state and its factories are in
 train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
+import collections
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from immiscible_jax import agreement
 from immiscible_jax import assignment
 from immiscible_jax import checkpointing
 from immiscible_jax import config_checks
@@ -33,13 +35,19 @@ from immiscible_jax import errors
 from immiscible_jax import lpips
 from immiscible_jax import metric_writer
 from immiscible_jax import models
+from immiscible_jax import perf
 from immiscible_jax import prefetch
 from immiscible_jax import preemption
+from immiscible_jax import profiling
 from immiscible_jax import replicas
 from immiscible_jax import storage
 from immiscible_jax import train_state
 
 AXIS = replicas.AXIS
+# Dispatches the host may have made that the device has not finished: after dispatching n the loop waits for
+# n - 1. Two keep the device fed (the next step is queued while the host prepares the one after) and bound how
+# long a stop waits: at most two dispatches of device time, not a queue of fifty.
+MAX_DISPATCHES_IN_FLIGHT = 2
 
 
 def draw_noise(key, example_ids, image_shape):
@@ -127,6 +135,9 @@ def train_step(state, batch, loss_params, *, apply_fn, optimizer, config):
       'assignment/distance_before': info.distance_before,
       'assignment/distance_after': info.distance_after,
   }
+  if info.converged is not None:  # jv, auction, sinkhorn: the share of solves within their caps, their depth
+    metrics['assignment/converged'] = info.converged
+    metrics['assignment/sequential_steps'] = info.sequential_steps
   return new_state, jax.lax.pmean(metrics, AXIS)
 
 
@@ -157,6 +168,21 @@ def frozen_loss_params(config):
   return lpips.load_params(lpips.weights_path(storage.default_cache_dir()))
 
 
+class TrainSteps:
+  """The compiled k-step function of a layout with the frozen inputs every call passes (make_train_steps)."""
+
+  def __init__(self, compiled, frozen):
+    self._compiled, self._frozen = compiled, frozen
+
+  def __call__(self, d_state, d_batches):
+    return self._compiled(d_state, d_batches, self._frozen)
+
+  def lower(self, d_state, d_batches):
+    """The lowered program for these arguments; after a call with their shapes, its compile() is the cached
+    executable (perf.flops_per_call reads its cost analysis without compiling again)."""
+    return self._compiled.lower(d_state, d_batches, self._frozen)
+
+
 def make_train_steps(model, optimizer, config, layout, loss_params=None):
   """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
   (device state, metrics); the state is donated. loss_params (frozen_loss_params; default {}) are put on the
@@ -164,8 +190,7 @@ def make_train_steps(model, optimizer, config, layout, loss_params=None):
   constants nor part of the trained, checkpointed state."""
   compiled = layout.compile(functools.partial(train_steps, apply_fn=model.apply, optimizer=optimizer,
                                               config=config))
-  d_loss_params = layout.put_state(loss_params if loss_params is not None else {})
-  return lambda d_state, d_batches: compiled(d_state, d_batches, d_loss_params)
+  return TrainSteps(compiled, layout.put_state(loss_params if loss_params is not None else {}))
 
 
 def cpu_scan_note(config, backend):
@@ -224,17 +249,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                        allow_schedule_change=False):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
-  evaluator: (host TrainState, step) -> {metric name: value}, run every eval.every_steps steps (when > 0)
-  and after the last step; None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
+  evaluator: (host TrainState, step, between_batches) -> {metric name: value}, run every eval.every_steps steps
+  (when > 0) and after the last step; it calls between_batches() after each of its batches (which raises
+  agreement.StopReached when the run must stop); None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
   stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
   schedules still follow training.num_steps. allow_schedule_change: resume even if a schedule key
   (resume_rules.RULES) changed (e.g. a raised training.num_steps). Returns the final host TrainState.
 
   Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
   k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
-  dispatch boundaries exactly as with k = 1. The preemption flag is checked after each dispatch (several
-  processes agree every 10 dispatches), so a signal stops the run at most k (10 k) steps later, with a
-  checkpoint of the step reached. The NaN guard sees every step's metrics (all k are returned) at each log and
+  dispatch boundaries exactly as with k = 1. The host runs at most MAX_DISPATCHES_IN_FLIGHT dispatches ahead of
+  the device and waits for it in short sleeps, never inside XLA, so signal handlers run while the device works.
+  The stop (agreement.StopPoints: a signal in one process, JAX's preemption sync point in several) is asked after
+  each dispatch and between the batches of an in-loop evaluation: a signal stops the run after the next dispatch
+  (several processes: after the dispatch all of them agree on, within about a second), with a checkpoint of the
+  step reached; during an evaluation, after its current batch, with that step's checkpoint (saved first, if that
+  step was not a checkpoint step). The train step's FLOPs per image are read once from XLA's cost analysis and
+  perf/mfu is logged where the device's peak is known (perf.py). The NaN guard sees every step's metrics (all k are returned) at each log and
   names the window of steps it found them in; nothing of that window is saved. At a step that both saves and
   evaluates, the save is finished before the evaluator runs, so an evaluator that crashes (or is killed for its
   memory) cannot lose that checkpoint.
@@ -246,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   lr_fn = train_state.learning_rate_schedule(config.optim)
   start_stream = data.train_stream(config.data, tcfg.batch_size, config.seed)  # bad data fails before compiling
   loss_params = frozen_loss_params(config)  # and so do missing LPIPS weights
-  manager = checkpointing.create_manager(workdir, config.checkpoint)
+  # One process: saves start on a thread of their own; the training thread only copies the state to the host.
+  manager = checkpointing.background_saves(checkpointing.create_manager(workdir, config.checkpoint))
   writer = metric_writer.MetricWriter(workdir, tcfg.num_steps)
   state = _restore_or_init(config, workdir, model, optimizer, manager, writer, allow_schedule_change)
   step = int(state.step)
@@ -265,22 +297,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
   d_state = layout.put_state(state)
   train_fn = make_train_steps(model, optimizer, config, layout, loss_params)
-  flag = preemption.install()
+  flag = preemption.install(notify_jax=jax.process_count() > 1)
+  stop = agreement.StopPoints(flag)
   meta = {'config': config.to_dict()}
   every_eval = config.eval.every_steps
   pending, t0 = [], time.time()
+  in_flight = collections.deque()  # metrics of the dispatches the device may not have finished
+  accounting = None  # (FLOPs per image, peak FLOP/s per device), read after the first dispatch
+  trace = profiling.StepTrace(config.profile, workdir, writer.log)
   try:
     while step < tcfg.num_steps:
-      d_state, metrics = train_fn(d_state, next(dispatches))
+      trace.before_dispatch(step)
+      batches = next(dispatches)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step + 1):
+        d_state, metrics = train_fn(d_state, batches)
       pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
+      in_flight.append(pending[-1])
+      if accounting is None:
+        *accounting, line = perf.train_step_accounting(lambda: train_fn.lower(d_state, batches),
+                                                       tcfg.batch_size // jax.device_count(), config.model.dtype,
+                                                       tcfg.grad_accum_steps)
+        writer.log(line)
       step += k
+      while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
+        replicas.wait_until_ready(in_flight.popleft())
+      trace.after_dispatch(step, metrics)
       last = step == tcfg.num_steps
-      preempted = flag.should_stop(step // k) or (stop_at_step is not None and step >= stop_at_step)
+      preempted = stop.reached() or (stop_at_step is not None and step >= stop_at_step)
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
       evaluate_now = evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0))
+      if in_flight and (save_now or evaluate_now or step % tcfg.log_every_steps == 0):
+        replicas.wait_until_ready(in_flight.pop())  # the host reads results now: wait where signals still work
+        in_flight.clear()
       if step % tcfg.log_every_steps == 0 or save_now:
         scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
         scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / (time.time() - t0)
+        mfu = perf.mfu(scalars['perf/images_per_sec'], *accounting, jax.device_count())
+        if mfu is not None:
+          scalars['perf/mfu'] = mfu
         writer.write(step, scalars)
         first, pending, t0 = step - len(pending) * k + 1, [], time.time()  # first: the window's first step
         if not all(np.isfinite(v) for v in scalars.values()):
@@ -295,13 +349,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         checkpointing.save(manager, step, host, meta)
       if evaluate_now:
         manager.wait_until_finished()  # this step's checkpoint is on disk before the evaluator can fail
-        writer.write(step, evaluator(host if host is not None else layout.host(d_state), step))
+        host = host if host is not None else layout.host(d_state)
+        try:
+          writer.write(step, evaluator(host, step, between_batches=stop.check))
+        except agreement.StopReached:
+          writer.log(f'preempted during the evaluation of step {step}: stopped between its batches')
+          if not save_now:
+            checkpointing.save(manager, step, host, meta)
+          preempted = True
         t0 = time.time()
       if preempted:
         manager.wait_until_finished()
         writer.log(f'preempted: saved step {step} to {manager.directory}; exiting')
         break
   finally:
+    trace.close()
     manager.wait_until_finished()
     writer.close()
     flag.uninstall()

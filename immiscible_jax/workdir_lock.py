@@ -17,7 +17,6 @@ others learn the outcome from it (the distributed key-value store), so all of th
 """
 import contextlib
 import errno
-import itertools
 import json
 import os
 import socket
@@ -28,8 +27,6 @@ from immiscible_jax import errors
 from immiscible_jax import storage
 
 LOCK_NAME = 'lock.json'
-_AGREEMENT_TIMEOUT_MS = 10 * 60 * 1000
-_rounds = itertools.count()
 
 
 @contextlib.contextmanager
@@ -160,14 +157,12 @@ def _acquire_remote(workdir, path, owner, log):
 
 
 def _agreed(acquire):
-  """acquire() in process 0, its outcome shared with every process: the release function (a no-op elsewhere), or
-  the ConfigError raised in every process."""
+  """acquire() in process 0, its outcome shared with every process (agreement.from_process0): the release
+  function (a no-op elsewhere), or the ConfigError raised in every process."""
   import jax  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import agreement  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return acquire()
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # the key-value store Orbax uses too
-  client = distributed.global_state.client
-  key = f'immiscible_jax/workdir_lock/{next(_rounds)}'
   release, refusal = (lambda: None), ''
   if jax.process_index() == 0:
     try:
@@ -175,12 +170,13 @@ def _agreed(acquire):
     except errors.ConfigError as e:
       refusal = str(e)
     except Exception as e:  # the others must not wait for an answer that never comes
-      client.key_value_set(key, f'refused: process 0 could not take the workdir lock ({type(e).__name__}: {e})')
+      agreement.from_process0('workdir_lock',
+                              f'refused: process 0 could not take the workdir lock ({type(e).__name__}: {e})')
       raise
-    client.key_value_set(key, 'refused: ' + refusal if refusal else 'held')
+    answer = agreement.from_process0('workdir_lock', 'refused: ' + refusal if refusal else 'held')
   else:
-    answer = client.blocking_key_value_get(key, _AGREEMENT_TIMEOUT_MS)
-    refusal = answer[len('refused: '):] if answer.startswith('refused: ') else ''
+    answer = agreement.from_process0('workdir_lock')
+  refusal = answer[len('refused: '):] if answer.startswith('refused: ') else ''
   if refusal:
     raise errors.ConfigError(refusal)
   return release

@@ -254,6 +254,24 @@ def test_solvers_report_the_loop_steps_that_loop_steps_measures():
   assert all(r > 0 for r in reported) and sum(reported) == int(counted), reported
 
 
+def test_assign_noise_reports_convergence_and_loop_steps_for_jv_auction_and_sinkhorn():
+  """What the trainer logs as assignment/converged and assignment/sequential_steps: 1.0 / 0.0 as each solver
+  finished within its caps or not, and its loop iterations, equal to what loop_steps measures from outside."""
+  images, noise = image_like(64, seed=43)
+  capped = dict(auction_max_rounds=1, sinkhorn_max_iterations=2, sinkhorn_threshold=1e-9)
+  configs = [make_config(method=m) for m in ('jv', 'auction', 'sinkhorn')] + [
+      make_config(method=m, **capped) for m in ('auction', 'sinkhorn')]
+  for c in configs:
+    _, steps = jax.jit(loop_steps.counting(lambda x, n, c=c: assignment.assign_noise(x, n, KEY, c)))(images, noise)
+    _, info = jax.jit(lambda x, n, c=c: assignment.assign_noise(x, n, KEY, c))(images, noise)
+    assert float(info.sequential_steps) == int(steps) > 0, c.method
+    was_capped = c.auction_max_rounds == 1  # the last two configs: caps far too small to finish
+    assert float(info.converged) == (0.0 if was_capped else 1.0), (c.method, was_capped)
+  for method in ('none', 'knn', 'hungarian'):
+    _, info = assignment.assign_noise(images, noise, KEY, make_config(method=method))
+    assert info.converged is None and info.sequential_steps is None, method
+
+
 # -------------------------------------------------------------------------------- assign_noise, local
 
 @pytest.mark.parametrize('batch', [1, 7, 64])

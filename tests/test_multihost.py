@@ -6,7 +6,8 @@ assignment are functions of the global example index); the 'global' noise assign
 all processes' devices; the checkpoint that process 0 writes must restore in every process, and when one process
 cannot read the newest step, all must restore the same earlier one; the evaluation split over processes must
 give the one-process metric; only process 0 may write metrics; parallel.mode='shard_map' (global arrays built
-from each process's rows) must train as 'pmap' does. The processes are started by launch.multiprocess (its
+from each process's rows) must train as 'pmap' does; a SIGTERM to one process must stop both at the same step,
+each saving it (JAX's preemption sync point, agreement.StopPoints). The processes are started by launch.multiprocess (its
 environment, output prefixes and failure handling) and set up by the trainer's own
 main._maybe_initialize_distributed; each runs this file as its driver:
 
@@ -27,6 +28,8 @@ NUM_PROCESSES, CPU_DEVICES = 2, 4
 NUM_STEPS, CKPT_EVERY, LOG_EVERY = 6, 3, 2
 # The assignment check's global batch: 2 rows per device over all 8 devices, digits-sized rows.
 ASSIGN_ROWS, ROW_SHAPE = 16, (8, 8, 1)
+# The preempted run: long enough that only the stop can end it; process 1 signals itself at this dispatch.
+PREEMPT_NUM_STEPS, PREEMPT_AT_DISPATCH = 1000, 2
 # A hung collective must fail the test, not stall the suite: a process still running after this long prints its
 # Python stacks and exits 1, and the launcher then stops the other one.
 PROCESS_TIMEOUT_S = 420
@@ -90,6 +93,7 @@ def drive(workdir, out_dir):
   checkpointing.read_meta = read_meta
   lock_outcomes = _lock_outcomes(os.path.join(out_dir, 'locked'))
   batch = next(data.create_train_iterator(config.data, config.training.batch_size, config.seed))
+  preempted_step, preempted_committed = _preempted_run(config, os.path.join(out_dir, 'preempted'))
 
   # The assignment alone, on a known global batch: this process feeds the rows of its own devices.
   cfg = config.assignment.copy_and_resolve_references()
@@ -108,7 +112,8 @@ def drive(workdir, out_dir):
            process_count=jax.process_count(), device_count=jax.device_count(), checkpoint_step=checkpoint_step,
            assigned=np.asarray(assigned).reshape(-1, *ROW_SHAPE), axis_index=np.asarray(axis_index),
            fallback_step=fallback_step, fallback_messages=np.array(fallback_messages),
-           lock_outcomes=np.array(lock_outcomes),
+           lock_outcomes=np.array(lock_outcomes), preempted_step=preempted_step,
+           preempted_committed=preempted_committed,
            example_id=batch['example_id'],
            **_named_leaves('final', final), **_named_leaves('restored', restored),
            **_named_leaves('shard_map', final_shard_map))
@@ -133,6 +138,39 @@ def _lock_outcomes(lockdir):
   if other:
     other()
   return outcomes
+
+
+def _preempted_run(config, workdir):
+  """Trains towards PREEMPT_NUM_STEPS; process 1 sends itself SIGTERM at its PREEMPT_AT_DISPATCH-th dispatch
+  (JAX's preemption notifier takes it; only process 1 is signalled). Returns the step this process stopped at,
+  and whether that step's checkpoint is committed."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import train  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.training.num_steps = PREEMPT_NUM_STEPS
+  config.checkpoint.every_steps = PREEMPT_NUM_STEPS // 2
+  config.eval.every_steps = 0
+  make = train.make_train_steps
+
+  def make_signalling(*args, **kwargs):
+    steps, calls = make(*args, **kwargs), []
+
+    def step(d_state, d_batches):
+      calls.append(1)
+      if jax.process_index() == 1 and len(calls) == PREEMPT_AT_DISPATCH:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return steps(d_state, d_batches)
+
+    step.lower = steps.lower
+    return step
+
+  train.make_train_steps = make_signalling
+  try:
+    step = int(train.train_and_evaluate(config, workdir).step)
+  finally:
+    train.make_train_steps = make
+  return step, os.path.exists(os.path.join(workdir, 'checkpoints', str(step), 'commit_success.txt'))
 
 
 @pytest.fixture(scope='module')
@@ -241,6 +279,14 @@ def test_checkpoint_restores_in_every_process_and_fallbacks_are_agreed(run):
   steps = sorted(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
   assert steps == list(range(CKPT_EVERY, NUM_STEPS + 1, CKPT_EVERY))
   assert json.loads((workdir / 'done.json').read_text()) == {'step': NUM_STEPS}
+
+
+def test_a_sigterm_to_one_process_stops_both_at_the_same_saved_step(run):
+  _, results, log = run
+  steps = [int(r['preempted_step']) for r in results]
+  assert steps[0] == steps[1] and PREEMPT_AT_DISPATCH <= steps[0] < PREEMPT_NUM_STEPS, steps
+  assert all(bool(r['preempted_committed']) for r in results)
+  assert f'[proc 0] preempted: saved step {steps[0]} to ' in log
 
 
 def test_only_process_zero_writes_metrics(run):

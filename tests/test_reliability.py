@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import errors
 from immiscible_jax import models
@@ -287,25 +288,12 @@ def test_second_sigint_aborts_at_once():
   flag = preemption.install()
   try:
     os.kill(os.getpid(), signal.SIGINT)
-    assert flag.signalled and flag.should_stop(1)
+    assert flag.signalled and agreement.StopPoints(flag).reached()
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   finally:
     flag.uninstall()
   assert signal.getsignal(signal.SIGINT) is previous
-
-
-def test_processes_agree_on_the_stop_step(monkeypatch):
-  """Two processes, only the second signalled: both stop at the next sync step, neither before it."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  flags = [preemption.PreemptionFlag(sync_every=5), preemption.PreemptionFlag(sync_every=5)]
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  # Stands in for the all-gather: every process sees every process's flag.
-  monkeypatch.setattr(multihost_utils, 'process_allgather',
-                      lambda x: np.stack([np.array([f.signalled], np.int32) for f in flags]))
-  flags[1].signalled = True
-  answers = [[f.should_stop(step) for f in flags] for step in range(1, 11)]
-  assert answers == [[False, False]] * 4 + [[True, True]] + [[False, False]] * 4 + [[True, True]]
 
 
 def test_sample_and_eval_do_not_apply_the_training_device_check(reference, tmp_path, monkeypatch, capfd):

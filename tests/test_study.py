@@ -83,6 +83,9 @@ def test_paired_arms_share_initial_parameters_and_base_noise(tmp_path):
   for a, b in zip(none, exact):
     assert a['assignment/distance_before'] == b['assignment/distance_before']
     assert b['assignment/distance_after'] < b['assignment/distance_before']
+    # jv reports that it finished within its caps (always: it is exact) and its loop depth; 'none' has no solver.
+    assert b['assignment/converged'] == 1.0 and b['assignment/sequential_steps'] > 0
+    assert 'assignment/converged' not in a
   assert none[0]['assignment/distance_before'] != none[1]['assignment/distance_before']
   # Initial parameters depend on the seed alone (built as train_and_evaluate builds them from scratch).
   inits = []

@@ -158,7 +158,8 @@ class _Evaluator:
   def __init__(self, fail_at=None):
     self.calls, self.fail_at = [], fail_at
 
-  def __call__(self, state, step):
+  def __call__(self, state, step, between_batches):
+    del between_batches  # one batch, no stop to check
     self.calls.append((step, state))
     if step == self.fail_at:
       raise RuntimeError(f'evaluator failed at step {step}')
