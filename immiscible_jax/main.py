@@ -1,12 +1,13 @@
 r"""Entry point: train, sample or evaluate a consistency model from a config file.
 
   python -m immiscible_jax.main --config=configs/digits.py --workdir=/tmp/run --mode=train \
-      [--config.assignment.method=hungarian ...]
+      [--config.assignment.method=jv ...]
   python -m immiscible_jax.main --workdir=/tmp/run --mode=sample [--step=N]
   python -m immiscible_jax.main --workdir=/tmp/run --mode=eval [--samples=PATH]
 
-sample and eval rebuild the run from the config saved with its checkpoint (saved_config.py); a --config given
-there may change sampling.*, eval.* and moved data paths only. Resuming with a changed experiment key is
+sample and eval rebuild the run from the config saved with its checkpoint (saved_config.py); --config.KEY=VALUE
+there (with no --config file) changes the saved config's sampling.*, eval.* and moved data paths, and a --config
+file given there may differ from the saved run in those keys only. Resuming with a changed experiment key is
 refused, and with a changed schedule key (training.num_steps, s0, s1, mu0, p_mean, p_std, huber_c,
 optim.learning_rate, warmup_steps) unless --allow_schedule_change (immiscible_jax/resume_rules.py classifies every
 key).
@@ -122,7 +123,7 @@ def _run(config):
   else:
     from immiscible_jax import saved_config  # pylint: disable=g-import-not-at-top
     ckpt_config = (config or config_checks.default_config()).checkpoint
-    config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config)
+    config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config, _SAVED_CONFIG_OVERRIDES)
   # Before the heavier imports below, and before anything compiles.
   config_checks.validate(config, for_training=FLAGS.mode == 'train')
   from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
@@ -142,7 +143,8 @@ def _run_mode(config, workdir, evaluators, train):
     with workdir_lock.hold(workdir):  # one trainer per workdir; a second one is refused before it touches it
       evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
       train.train_and_evaluate(config, workdir, evaluator=evaluator,
-                               allow_schedule_change=FLAGS.allow_schedule_change)
+                               allow_schedule_change=FLAGS.allow_schedule_change,
+                               config_name=config_flags.get_config_filename(FLAGS['config']))
   elif FLAGS.mode == 'sample':
     evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:
@@ -165,9 +167,29 @@ def _flag_error(text):
   return f'{match.group(1)}: {match.group(2)}' if match else text
 
 
+# --mode=sample|eval without --config: the --config.KEY=VALUE arguments, applied to the run's saved config.
+_SAVED_CONFIG_OVERRIDES = []
+
+
+def _split_saved_config_overrides(argv):
+  """argv without the --config.KEY=VALUE arguments of a --mode=sample|eval command that names no --config file
+  (config_flags needs a file to apply them to; they go to the run's saved config instead), and those pairs."""
+  modes = [a.split('=', 1)[1] for a in argv if a.startswith('--mode=')]
+  modes += [value for flag, value in zip(argv, argv[1:]) if flag == '--mode']
+  mode = modes[-1] if modes else 'train'
+  has_file = any(a == '--config' or a.startswith('--config=') for a in argv)
+  if mode == 'train' or has_file:
+    return argv, []
+  overrides = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
+  if any(len(pair) != 2 for pair in overrides):
+    _fail('--config.KEY: give overrides as --config.KEY=VALUE')
+  return [a for a in argv if not a.startswith('--config.')], overrides
+
+
 def _parse_flags(argv):
   """absl's parser, except that every error is one line (`error: ...`, exit status 2), a misspelt
   --config.KEY included (ml_collections would raise a KeyError with a traceback)."""
+  argv, _SAVED_CONFIG_OVERRIDES[:] = _split_saved_config_overrides(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -5,6 +5,8 @@ checkpoint's meta, not from the command line. A --config given there may change 
 trained model (INFERENCE_KEYS); any other key that differs from the saved run is refused, before any array is
 read, with the keys listed.
 """
+import ast
+
 import ml_collections
 
 from immiscible_jax import checkpointing
@@ -63,12 +65,52 @@ def _readable_meta(manager, steps, step, log=print):
                            'readable saved config')
 
 
-def for_inference(workdir, ckpt_config, step=None, given=None):
+def apply_overrides(config, overrides):
+  """config with [(key, text)] pairs (--config.KEY=VALUE of a command without a --config file) applied: each
+  key must be an INFERENCE_KEYS key of the config, and its text is read as the type of the value it replaces."""
+  flat = config_checks.flatten(config)
+  for key, text in overrides:
+    if key not in flat:
+      raise errors.ConfigError(f'--config.{key}: unknown config key (configs/default.py lists every key)')
+    if not key.startswith(INFERENCE_KEYS):
+      raise errors.ConfigError(
+          f'--config.{key}: sampling and evaluation use the run\'s own model and training settings; change only '
+          f'{", ".join(k + "*" if k.endswith(".") else k for k in INFERENCE_KEYS)}')
+    section, leaf = key.split('.', 1)
+    with config[section].ignore_type():
+      config[section][leaf] = _parse_like(text, flat[key], key)
+  return config
+
+
+def _parse_like(text, current, key):
+  """`text` read as the type of `current` (bool, int, float, tuple, str), or a ConfigError naming the key."""
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+      return text.lower() in ('true', '1')
+    if isinstance(current, (int, float)):
+      value = ast.literal_eval(text)
+      number = (int,) if isinstance(current, int) else (int, float)  # an int key takes no 2.5
+      if isinstance(value, bool) or not isinstance(value, number):
+        raise ValueError(text)
+      return type(current)(value)
+    if isinstance(current, (tuple, list)):
+      value = ast.literal_eval(text)
+      return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return text
+  except (ValueError, SyntaxError) as e:
+    raise errors.ConfigError(f'--config.{key}={text}: expected a {type(current).__name__} like the saved '
+                             f'{current!r}') from e
+
+
+def for_inference(workdir, ckpt_config, step=None, given=None, overrides=()):
   """The config to sample or evaluate the run in `workdir` with.
 
   The run's own saved config (from the checkpoint at `step`, default the newest), with the INFERENCE_KEYS of
-  `given` (the --config of the command line, or None) applied. Without a checkpoint, `given` is used as is.
-  Raises ConfigError naming the keys when `given` differs from the saved run elsewhere.
+  `given` (the --config of the command line, or None) applied, then `overrides` ([(key, text)]: --config.KEY=VALUE
+  without a --config file; apply_overrides). Without a checkpoint, `given` is used as is. Raises ConfigError
+  naming the keys when `given` or an override differs from the saved run elsewhere.
   """
   manager = checkpointing.create_manager(workdir, ckpt_config, read_only=True)
   steps = sorted(manager.all_steps())
@@ -82,7 +124,7 @@ def for_inference(workdir, ckpt_config, step=None, given=None):
                              f'allowed: {errors.allowed_values(steps)}')
   saved = from_dict(_readable_meta(manager, steps, step)['config'])
   if given is None:
-    return saved
+    return apply_overrides(saved, overrides)
   given = ml_collections.ConfigDict(given.to_dict())
   refused = [k for k in _differing(saved, given) if not k.startswith(INFERENCE_KEYS + _IGNORED_KEYS)]
   if refused:
@@ -99,4 +141,4 @@ def for_inference(workdir, ckpt_config, step=None, given=None):
       continue
     section, leaf = key.split('.', 1)
     merged[section][leaf] = flat_given[key]
-  return merged
+  return apply_overrides(merged, overrides)

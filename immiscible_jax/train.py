@@ -245,16 +245,73 @@ def _write_json(workdir, name, text):
     storage.write_text(storage.join(workdir, name), text, atomic=True)
 
 
+def start_summary(config, workdir, step, config_name=None):
+  """The run in one line, said before anything compiles: what is trained, on what, with which assignment."""
+  t, a = config.training, config.assignment
+  where = f'{jax.device_count()} {jax.default_backend()} device{"s" * (jax.device_count() > 1)}'
+  if jax.process_count() > 1:
+    where += f' in {jax.process_count()} processes'
+  method = 'none' if a.method == 'none' else f'{a.method} ({a.cost}, {a.scope} scope)'
+  begin = f'from step {step}' if step else 'from scratch'
+  return (f'run: {config_name or "config"}: {t.recipe.upper() if t.recipe == "ct" else "iCT"} with {t.loss}, '
+          f'{t.num_steps} steps of batch {t.batch_size} on {where}, assignment {method}; {begin} in {workdir}')
+
+
+def end_summary(workdir, step, num_steps):
+  """Where the run's outputs are, and the commands that come next."""
+  if step < num_steps:
+    return (f'stopped at step {step} of {num_steps}; the same command resumes from {workdir}/checkpoints')
+  main = f'python -m immiscible_jax.main --workdir={workdir}'
+  return '\n'.join([
+      f'done: {num_steps} steps in {workdir}',
+      f'  checkpoints {storage.join(workdir, "checkpoints")}, metrics {storage.join(workdir, "metrics.jsonl")} '
+      f'(TensorBoard: {storage.join(workdir, "tensorboard")})',
+      f'  next: {main} --mode=sample   (samples and a grid in {storage.join(workdir, "samples")})',
+      f'        {main} --mode=eval     (the Frechet distance of fresh samples)'])
+
+
+def _log_window(writer, step, pending, k, config, seconds, lr_fn, accounting, manager):
+  """Writes the means of the steps since the last log (fetched in one transfer) with images/s over `seconds`
+  and MFU; raises NonFiniteError, naming the window, when any of them is not finite."""
+  tcfg = config.training
+  scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
+  scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / seconds
+  mfu = perf.mfu(scalars['perf/images_per_sec'], *accounting, jax.device_count())
+  if mfu is not None:
+    scalars['perf/mfu'] = mfu
+  writer.write(step, scalars)
+  if not all(np.isfinite(v) for v in scalars.values()):
+    first = step - len(pending) * k + 1
+    raise NonFiniteError(
+        f'non-finite loss or gradients between steps {first} and {step} (metrics written to metrics.jsonl); '
+        f'the last checkpoint, step {manager.latest_step()}, is untouched.')
+
+
+def _evaluate(evaluator, writer, manager, step, host, meta, stop, saved):
+  """Runs the evaluator on `host` after this step's checkpoint is on disk; True when a stop came between its
+  batches (the step is then saved, if it was not a checkpoint step, and the run must leave)."""
+  manager.wait_until_finished()  # this step's checkpoint is on disk before the evaluator can fail
+  try:
+    writer.write(step, evaluator(host, step, between_batches=stop.check))
+    return False
+  except agreement.StopReached:
+    writer.log(f'preempted during the evaluation of step {step}: stopped between its batches')
+    if not saved:
+      checkpointing.save(manager, step, host, meta)
+    return True
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluator=None, stop_at_step=None,
-                       allow_schedule_change=False):
+                       allow_schedule_change=False, config_name=None):
   """Trains (resuming from workdir's newest readable checkpoint), logging, evaluating and checkpointing.
 
   evaluator: (host TrainState, step, between_batches) -> {metric name: value}, run every eval.every_steps steps
   (when > 0) and after the last step; it calls between_batches() after each of its batches (which raises
-  agreement.StopReached when the run must stop); None: no evaluation. main.py passes evaluators.TrainingEvaluator(config).
-  stop_at_step: leave (with a checkpoint) after the dispatch that reaches this step, as if preempted there; the
-  schedules still follow training.num_steps. allow_schedule_change: resume even if a schedule key
-  (resume_rules.RULES) changed (e.g. a raised training.num_steps). Returns the final host TrainState.
+  agreement.StopReached when the run must stop); None: no evaluation. main.py passes
+  evaluators.TrainingEvaluator(config). stop_at_step: leave (with a checkpoint) after the dispatch that reaches
+  this step, as if preempted there; the schedules still follow training.num_steps. allow_schedule_change: resume
+  even if a schedule key (resume_rules.RULES) changed (e.g. a raised training.num_steps). config_name: how the
+  start-up line names the config (main.py: its file). Returns the final host TrainState.
 
   Dispatch granularity (training.steps_per_dispatch = k): the host sees the run only between compiled calls of
   k steps, and every interval is a multiple of k (config_checks), so logs, evaluations and checkpoints fall on
@@ -264,11 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   each dispatch and between the batches of an in-loop evaluation: a signal stops the run after the next dispatch
   (several processes: after the dispatch all of them agree on, within about a second), with a checkpoint of the
   step reached; during an evaluation, after its current batch, with that step's checkpoint (saved first, if that
-  step was not a checkpoint step). The train step's FLOPs per image are read once from XLA's cost analysis and
-  perf/mfu is logged where the device's peak is known (perf.py). The NaN guard sees every step's metrics (all k are returned) at each log and
-  names the window of steps it found them in; nothing of that window is saved. At a step that both saves and
-  evaluates, the save is finished before the evaluator runs, so an evaluator that crashes (or is killed for its
-  memory) cannot lose that checkpoint.
+  step was not a checkpoint step). The first dispatch compiles the step: it is announced and timed, and images/s
+  and the ETA count from its end. The train step's FLOPs per image are read once from XLA's cost analysis and
+  perf/mfu is logged where the device's peak is known (perf.py). The NaN guard sees every step's metrics (all k
+  are returned) at each log and names the window of steps it found them in; nothing of that window is saved. At
+  a step that both saves and evaluates, the save is finished before the evaluator runs, so an evaluator that
+  crashes (or is killed for its memory) cannot lose that checkpoint.
   """
   config_checks.validate(config)
   tcfg, k = config.training, config.training.steps_per_dispatch
@@ -287,6 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                              f'multiple of {k}; resume with a value that divides {step}')
   _write_json(workdir, 'config.json', config.to_json(indent=2))
 
+  writer.log(start_summary(config, workdir, step, config_name))
   notes = (cpu_scan_note(config, jax.default_backend()), assignment.problem_size_note(config, jax.device_count()))
   for note in notes:
     if note:
@@ -305,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   in_flight = collections.deque()  # metrics of the dispatches the device may not have finished
   accounting = None  # (FLOPs per image, peak FLOP/s per device), read after the first dispatch
   trace = profiling.StepTrace(config.profile, workdir, writer.log)
+  writer.log(f'compiling the train step ({k} step{"s" * (k > 1)} per call) ...')
   try:
     while step < tcfg.num_steps:
       trace.before_dispatch(step)
@@ -313,12 +373,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         d_state, metrics = train_fn(d_state, batches)
       pending.append(jax.tree_util.tree_map(layout.first, metrics))  # on the device until the log
       in_flight.append(pending[-1])
-      if accounting is None:
+      if accounting is None:  # the first call compiled the step (synchronously) before dispatching it
+        writer.log(f'compiled in {time.time() - t0:.1f} s')
         *accounting, line = perf.train_step_accounting(lambda: train_fn.lower(d_state, batches),
                                                        tcfg.batch_size // jax.device_count(), config.model.dtype,
                                                        tcfg.grad_accum_steps)
         writer.log(line)
+        writer.start_clock(step)
+        t0 = time.time()  # images/s and the ETA leave the compilation out
       step += k
+      writer.advance(step)
       while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
         replicas.wait_until_ready(in_flight.popleft())
       trace.after_dispatch(step, metrics)
@@ -330,33 +394,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
         replicas.wait_until_ready(in_flight.pop())  # the host reads results now: wait where signals still work
         in_flight.clear()
       if step % tcfg.log_every_steps == 0 or save_now:
-        scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
-        scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / (time.time() - t0)
-        mfu = perf.mfu(scalars['perf/images_per_sec'], *accounting, jax.device_count())
-        if mfu is not None:
-          scalars['perf/mfu'] = mfu
-        writer.write(step, scalars)
-        first, pending, t0 = step - len(pending) * k + 1, [], time.time()  # first: the window's first step
-        if not all(np.isfinite(v) for v in scalars.values()):
-          raise NonFiniteError(
-              f'non-finite loss or gradients between steps {first} and {step} '
-              f'(metrics written to metrics.jsonl); the last checkpoint, step {manager.latest_step()}, is '
-              'untouched.')
+        _log_window(writer, step, pending, k, config, time.time() - t0, lr_fn, accounting, manager)
+        pending, t0 = [], time.time()
       host = None
       if save_now:
         manager.check_for_errors()  # a failed background save must stop the run, not pass unnoticed
         host = layout.host(d_state)
         checkpointing.save(manager, step, host, meta)
       if evaluate_now:
-        manager.wait_until_finished()  # this step's checkpoint is on disk before the evaluator can fail
         host = host if host is not None else layout.host(d_state)
-        try:
-          writer.write(step, evaluator(host, step, between_batches=stop.check))
-        except agreement.StopReached:
-          writer.log(f'preempted during the evaluation of step {step}: stopped between its batches')
-          if not save_now:
-            checkpointing.save(manager, step, host, meta)
-          preempted = True
+        preempted |= _evaluate(evaluator, writer, manager, step, host, meta, stop, saved=save_now)
         t0 = time.time()
       if preempted:
         manager.wait_until_finished()
@@ -371,4 +418,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   if step == tcfg.num_steps:
     checkpointing.verify_readable(manager, step, final)  # done.json only for a run whose end can be restored
     _write_json(workdir, 'done.json', json.dumps({'step': step}))
+  if jax.process_index() == 0:
+    print(end_summary(workdir, step, tcfg.num_steps), flush=True)
   return final

@@ -427,3 +427,20 @@ def test_a_local_lock_is_exclusive_and_one_left_by_a_killed_run_is_taken_over(tm
   with workdir_lock.hold(str(tmp_path), log=messages.append):
     assert json.load(open(tmp_path / 'lock.json'))['pid'] == os.getpid()
   assert len(messages) == 1 and f'pid {dead}' in messages[0] and 'took over' in messages[0]
+
+
+def test_sample_and_eval_take_overrides_of_the_saved_config_without_a_config_file(reference, tmp_path, capfd):
+  """--mode=sample|eval --config.KEY=VALUE with no --config file: applied to the run's saved config, for the keys
+  sampling and evaluation may change; any other key, or a value of the wrong type, is one line naming it."""
+  from immiscible_jax import sampling  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  args = [f'--workdir={workdir}', '--mode=sample']
+  assert command_line.run_cli(args + ['--config.sampling.num_samples=5', '--config.sampling.shard_size=2']) == 0
+  images = sampling.load_samples(os.path.join(workdir, 'samples', f'step_{_END}_1step'))
+  assert images.shape == (5, 8, 8, 1)
+  capfd.readouterr()
+  code = command_line.run_cli(args + ['--config.model.nf=16'])
+  command_line.assert_one_line_error(code, ''.join(capfd.readouterr()), '--config.model.nf: sampling and evaluation')
+  code = command_line.run_cli([f'--workdir={workdir}', '--mode=eval', '--config.eval.num_samples=many'])
+  command_line.assert_one_line_error(code, ''.join(capfd.readouterr()), '--config.eval.num_samples=many: expected')

@@ -3,7 +3,6 @@ denoise and logs its evaluations; sample and eval modes read its checkpoints and
 learns like float32. (Split from test_train.py so that parallel test workers share the load.)"""
 import json
 import os
-import time
 
 import jax
 import ml_collections
@@ -25,7 +24,7 @@ from immiscible_jax import train
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
   """A few hundred steps of the tiny config with the pixel metric evaluated along the way, as main.py runs it
-  (the evaluator built first and handed to the trainer); also the trainer's wall time in seconds."""
+  (the evaluator built first and handed to the trainer)."""
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny.get_config()
   config.update_from_flattened_dict({
@@ -33,11 +32,9 @@ def trained_run(tmp_path_factory):
       'training.ema_rate': 0.99, 'eval.every_steps': 150, 'eval.num_samples': 256, 'checkpoint.every_steps': 150,
       'assignment.method': 'jv'})
   evaluator = evaluators.TrainingEvaluator(config)
-  start = time.time()
   train.train_and_evaluate(config, workdir, evaluator=evaluator)
-  wall = time.time() - start
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return config, workdir, rows, wall
+  return config, workdir, rows
 
 
 def _denoising_error(config, params, images):
@@ -53,7 +50,7 @@ def _denoising_error(config, params, images):
 
 
 def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
-  config, workdir, rows, wall = trained_run
+  config, workdir, rows = trained_run
   images = data.load_images(config.data, 'train', 256).astype(np.float32) / 127.5 - 1.0
   _, trained, _ = evaluators.restore_ema_params(config, workdir)
   model = models.create_model(config.model, 1)
@@ -66,14 +63,13 @@ def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
   assert [r['step'] for r in train_rows] == [50, 100, 150, 200, 250, 300]
   assert all(np.isfinite(r['train/loss']) for r in train_rows)
   assert all(r['assignment/reduction_pct'] > 0 for r in train_rows)
-  # Throughput is images over the time of their own window: the windows' times, recovered from it, add up to
-  # the training part of the run's wall time (not the set-up before the loop nor the evaluations).
-  window_times = [50 * config.training.batch_size / r['perf/images_per_sec'] for r in train_rows]
-  assert 0.3 * wall < sum(window_times) < wall, (window_times, wall)
+  # What images/s counts (its window, without compilation or evaluation) is tested on a fake clock:
+  # tests/test_progress.py. Here it is only a positive number.
+  assert all(r['perf/images_per_sec'] > 0 for r in train_rows)
 
 
 def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys):
-  config, workdir, _, _ = trained_run
+  config, workdir, _ = trained_run
   config = config.copy_and_resolve_references()  # the module's run stays as it was for the other tests
   config.sampling.num_samples = 20
   config.sampling.shard_size = 8
@@ -90,7 +86,7 @@ def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys
 
 
 def test_sample_and_eval_take_the_run_config_from_its_checkpoint(trained_run):
-  config, workdir, _, _ = trained_run
+  config, workdir, _ = trained_run
   # No --config: the saved one, with its non-default model.nf, learning rate and assignment, tuples as tuples.
   saved = saved_config.for_inference(workdir, config.checkpoint)
   for section in ('data', 'model', 'training', 'assignment', 'optim', 'eval', 'sampling'):
@@ -114,7 +110,7 @@ def test_sample_and_eval_take_the_run_config_from_its_checkpoint(trained_run):
 
 
 def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_path):
-  config, workdir, _, _ = trained_run
+  config, workdir, _ = trained_run
   fresh = evaluators.evaluate(config, workdir)
   assert fresh['step'] == 300 and fresh['num_samples'] == config.eval.num_samples
   assert np.isfinite(fresh['eval/fd_pixels']) and fresh['eval/fd_pixels'] > 0
@@ -133,7 +129,7 @@ def test_bfloat16_compute_learns_like_float32(trained_run, tmp_path):
   there is within 10% of float32's. Measured once: 8.150 vs 8.156 at step 150 (and 6.157 vs 6.065 at 300), so 10%
   leaves room for bfloat16's rounding sending the run down another path, while a run that learned less (float32's
   own FD still falls by a quarter from step 150 to 300) or not at all lands outside it."""
-  config, _, rows, _ = trained_run
+  config, _, rows = trained_run
   config = config.copy_and_resolve_references()
   config.model.dtype = 'bfloat16'
   train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config), stop_at_step=150)
