@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from immiscible_jax import assignment_solvers as solvers
+from immiscible_jax.assignment import solvers
 from immiscible_jax.errors import ConfigError
 
 METHODS = ('none', 'hungarian', 'jv', 'auction', 'sinkhorn', 'scipy', 'knn')
