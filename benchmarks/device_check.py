@@ -117,7 +117,8 @@ def _loss_params(config):
   if config.training.loss != 'lpips':
     return {}, ''
   import jax  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import errors, lpips, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import errors, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.models import lpips  # pylint: disable=g-import-not-at-top
   try:
     return train.frozen_loss_params(config), 'converted LPIPS-VGG16 weights'
   except errors.ConfigError:

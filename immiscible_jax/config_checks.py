@@ -13,10 +13,10 @@ from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import errors
 from immiscible_jax import evaluation
-from immiscible_jax import lpips
 from immiscible_jax import models
 from immiscible_jax import replicas
 from immiscible_jax import resume_rules
+from immiscible_jax.models import lpips
 
 RECIPES = ('ct', 'ict')
 LOSSES = ('l2', 'l1', 'pseudo_huber', 'lpips')

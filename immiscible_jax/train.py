@@ -32,7 +32,6 @@ from immiscible_jax import config_checks
 from immiscible_jax import consistency
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import lpips
 from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import perf
@@ -42,6 +41,7 @@ from immiscible_jax import profiling
 from immiscible_jax import replicas
 from immiscible_jax import storage
 from immiscible_jax import train_state
+from immiscible_jax.models import lpips
 
 AXIS = replicas.AXIS
 # Dispatches the host may have made that the device has not finished: after dispatching n the loop waits for

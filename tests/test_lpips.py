@@ -22,8 +22,8 @@ from PIL import Image
 
 from immiscible_jax import convert_lpips
 from immiscible_jax import errors
-from immiscible_jax import lpips
 from immiscible_jax import storage
+from immiscible_jax.models import lpips
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 HAS_LPIPS = importlib.util.find_spec('lpips') is not None
