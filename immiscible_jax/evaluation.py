@@ -12,10 +12,10 @@ import flax.jax_utils
 import jax
 import numpy as np
 
-from immiscible_jax import agreement
 from immiscible_jax import errors
 from immiscible_jax import inception
 from immiscible_jax import storage
+from immiscible_jax.parallel import agreement
 
 METRICS = ('pixels', 'inception')
 INCEPTION_NAME = 'inception_v3_tf2015'

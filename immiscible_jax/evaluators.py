@@ -15,7 +15,6 @@ import re
 import flax.jax_utils
 import jax
 
-from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import data
 from immiscible_jax import errors
@@ -24,6 +23,7 @@ from immiscible_jax import models
 from immiscible_jax import sampling
 from immiscible_jax import storage
 from immiscible_jax import train_state
+from immiscible_jax.parallel import agreement
 
 
 def metric_name(eval_config):

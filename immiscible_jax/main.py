@@ -81,7 +81,7 @@ def main(argv):
     if FLAGS.traceback:
       raise
     _fail(str(e))
-  except KeyboardInterrupt:  # the second Ctrl-C (preemption.py): leave now
+  except KeyboardInterrupt:  # the second Ctrl-C (parallel/preemption.py): leave now
     sys.stdout.flush()
     sys.stderr.write('aborted by a second Ctrl-C: the current step is not saved; the run resumes from its last '
                      'checkpoint\n')

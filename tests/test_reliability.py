@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import errors
 from immiscible_jax import models
-from immiscible_jax import preemption
 from immiscible_jax import train
 from immiscible_jax import train_state
+from immiscible_jax.parallel import agreement
+from immiscible_jax.parallel import preemption
 import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))

@@ -13,9 +13,9 @@ from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import evaluators
 from immiscible_jax import models
-from immiscible_jax import replicas
 from immiscible_jax import train
 from immiscible_jax import train_state
+from immiscible_jax.parallel import layouts
 
 
 def _leaves(tree):
@@ -63,8 +63,8 @@ def ct_steps():
       step=np.int32(K_AT), target_params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params),
       ema_params=jax.tree_util.tree_map(lambda p: p - 1.0, state.params)))
   batches = [next(it) for it in [data.create_train_iterator(config.data, 16, 0)] for _ in range(3)]
-  layouts = {n: replicas.PmapLayout(jax.local_devices()[:n]) for n in (1, 8)}
-  steps = {n: (layouts[n], train.make_train_steps(model, optimizer, config, layouts[n])) for n in (1, 8)}
+  by_devices = {n: layouts.PmapLayout(jax.local_devices()[:n]) for n in (1, 8)}
+  steps = {n: (by_devices[n], train.make_train_steps(model, optimizer, config, by_devices[n])) for n in (1, 8)}
   return config, state, batches, steps, (model, optimizer)
 
 
@@ -91,7 +91,7 @@ def test_shard_map_mode_and_steps_per_dispatch_match_pmap_step_by_step(ct_steps)
   config, state, batches, steps, (model, optimizer) = ct_steps
   pmap8 = steps[8][0]
   reference, m_reference = _run_steps(*steps[8], state, batches)
-  shard_map = replicas.ShardMapLayout()
+  shard_map = layouts.ShardMapLayout()
   three = config.copy_and_resolve_references()
   three.training.steps_per_dispatch = 3
   runs = {
