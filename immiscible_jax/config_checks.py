@@ -12,9 +12,9 @@ import jax
 from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import evaluation
 from immiscible_jax import models
 from immiscible_jax import resume_rules
+from immiscible_jax.evaluation import frechet
 from immiscible_jax.models import lpips
 from immiscible_jax.parallel import layouts
 
@@ -167,7 +167,7 @@ def validate(config, for_training=True):
   data.validate_config(config.data)
   models.validate_config(config.model, config.data.image_size)
   assignment.validate_config(config.assignment)
-  evaluation.validate_config(config.eval)
+  frechet.validate_config(config.eval)
 
 
 def check_resume_compatible(saved, config, allow_schedule_change=False):

@@ -123,7 +123,7 @@ def convert(cache_dir, wheel=None, pt=None, force=False):
   total = sum(v.size for v in flat.values())
   if total != NUM_PARAMS:
     raise ValueError(f'{pt_path} holds {total:,} parameters, expected {NUM_PARAMS:,}.')
-  from immiscible_jax import inception  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   expected = inception.param_shapes()
   got = {k: v.shape for k, v in flat.items()}
   if got != expected:

@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   evaluator: (host TrainState, step, between_batches) -> {metric name: value}, run every eval.every_steps steps
   (when > 0) and after the last step; it calls between_batches() after each of its batches (which raises
   agreement.StopReached when the run must stop); None: no evaluation. main.py passes
-  evaluators.TrainingEvaluator(config). stop_at_step: leave (with a checkpoint) after the dispatch that reaches
+  evaluation.runs.TrainingEvaluator(config). stop_at_step: leave (with a checkpoint) after the dispatch that reaches
   this step, as if preempted there; the schedules still follow training.num_steps. allow_schedule_change: resume
   even if a schedule key (resume_rules.RULES) changed (e.g. a raised training.num_steps). config_name: how the
   start-up line names the config (main.py: its file). Returns the final host TrainState.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from immiscible_jax import convert_inception
-from immiscible_jax import evaluation
-from immiscible_jax import inception
 from immiscible_jax import storage
+from immiscible_jax.evaluation import frechet
+from immiscible_jax.evaluation import inception
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 CACHE = storage.default_cache_dir()
@@ -110,7 +110,7 @@ def test_flax_features_equal_torchscript(images32):
   import torch  # pylint: disable=g-import-not-at-top
   assert convert_inception.sha1_of(PT_PATH) == convert_inception.TORCHSCRIPT_SHA1
   # Batch 2 on 3 images: the extractor pads its last batch; one device keeps the test to one compile.
-  extractor = evaluation.inception_extractor(CACHE, batch_size=2, num_devices=1)
+  extractor = frechet.inception_extractor(CACHE, batch_size=2, num_devices=1)
   ours = extractor(images32)
   assert ours.shape == (3, 2048) and ours.dtype == np.float32
 

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 
 from immiscible_jax import errors
-from immiscible_jax import inception
 from immiscible_jax import storage
+from immiscible_jax.evaluation import inception
 from immiscible_jax.parallel import agreement
 
 METRICS = ('pixels', 'inception')
