@@ -117,10 +117,10 @@ def test_resume_compatibility_lists_the_differing_keys():
   config_checks.check_resume_compatible(saved.to_dict(), harmless)
 
 
-def test_readme_config_reference_matches_configs_default():
-  from immiscible_jax import config_docs  # pylint: disable=g-import-not-at-top
-  readme = open(os.path.join(_ROOT, 'README.md')).read()
-  assert config_docs.markdown() in readme, 'regenerate with: python -m immiscible_jax.config_docs'
+def test_docs_config_reference_matches_configs_default():
+  from tools import config_docs  # pylint: disable=g-import-not-at-top
+  reference = open(os.path.join(_ROOT, 'docs', 'config.md')).read()
+  assert config_docs.markdown() in reference, 'regenerate with: python -m tools.config_docs'
   rows = config_docs.reference_rows()
   assert len(rows) == len(config_checks.flatten(config_checks.default_config()))
   # Every meaning is its key's own full sentence(s): none cut off mid-sentence, none shared with the next key.
@@ -134,7 +134,7 @@ def _default_config_lines():
 
 @pytest.mark.parametrize('edit', ['shared_comment', 'blank_line'])
 def test_config_reference_refuses_a_key_without_a_comment_of_its_own(edit, tmp_path):
-  from immiscible_jax import config_docs  # pylint: disable=g-import-not-at-top
+  from tools import config_docs  # pylint: disable=g-import-not-at-top
   lines = _default_config_lines()
   at = lines.index('  optim.b2 = 0.999')
   if edit == 'shared_comment':  # optim.b2 then sits under optim.b1's comment, as a shared comment would

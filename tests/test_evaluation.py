@@ -144,7 +144,7 @@ def test_validate_config_names_the_key():
 def test_missing_inception_weights_say_how_to_create_them(tmp_path):
   config = _load_default_config()
   config.eval.metric = 'inception'
-  with pytest.raises(FileNotFoundError, match=r'python -m immiscible_jax\.convert_inception --cache_dir='):
+  with pytest.raises(FileNotFoundError, match=r'python -m tools\.convert_inception --cache_dir='):
     frechet.create_extractor(config.eval, cache_dir=str(tmp_path))
 
 
