@@ -49,7 +49,7 @@ def _reference_stats(config, extractor):
   return stats if jax.process_index() == 0 else compute()
 
 
-def frechet_to_reference(config, extractor, reference, images_uint8):
+def frechet_to_reference(extractor, reference, images_uint8):
   """The metric of this process's share of the samples together with every other process's share."""
   mu, sigma = frechet.statistics_across_processes(extractor(images_uint8))
   return float(frechet.frechet_distance(mu, sigma, *reference))
@@ -174,7 +174,7 @@ def evaluate(config, workdir, step=None, samples_path=None):
     step, images = _generate_from_checkpoint(config, workdir, step, count, start_index=start)
   extractor = frechet.create_extractor(config.eval)
   reference = _reference_stats(config, extractor)
-  value = frechet_to_reference(config, extractor, reference, images)
+  value = frechet_to_reference(extractor, reference, images)
   result = {'step': step, metric_name(config.eval): value, 'num_samples': int(num_samples),
             'extractor': extractor.name, 'samples': samples_path or 'fresh'}
   warning = _sample_size_warning(config, num_samples, reference)
