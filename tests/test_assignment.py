@@ -88,10 +88,6 @@ EXACT = ('jv', 'hungarian', 'scipy')
 
 # ----------------------------------------------------------------------------------------------- config
 
-def test_default_config_section_is_valid():
-  assignment.validate_config(default_config().assignment)
-
-
 def test_a_config_lacking_keys_is_refused_by_name():
   config = make_config()
   del config['auction_max_rounds']
