@@ -1,13 +1,13 @@
 """Benchmark of immiscible noise assignment at CIFAR-10 shape (32x32x3): time, quality and depth per method and cost.
 
-For each batch size, method and cost: the median wall time of the jitted `assign_noise` (cost matrix + solve
-+ reorder) after a warm-up call; its quality: the reduction of the mean image-noise L2 distance as a fraction of
-the optimal one (exact L2 assignment, scipy in float64) and as a raw % of the random pairing; and its
-`sequential_steps`: the loop iterations the program executed (every while loop, fori_loop and scan, nested
-ones included, counted by immiscible_jax/assignment/loop_steps.py), the depth an accelerator pays a few
-microseconds for per iteration. Quality and steps are medians over --num_batches batches, time is taken on the first. The same
-run times the paper's path (fp16 L2 distances, scipy linear_sum_assignment on the host, permuted noise back
-to the device) and reports every method's time as a ratio to it.
+For each batch size, method and cost: the median wall time of the jitted `assign_noise` (cost matrix + solve +
+reorder) after a warm-up call; its quality: the reduction of the mean image-noise L2 distance as a fraction of the
+optimal one (exact L2 assignment, scipy in float64) and as a raw % of the random pairing; and its
+`sequential_steps`: the loop iterations the program executed (every while loop, fori_loop and scan, nested ones
+included, counted by immiscible_jax/assignment/loop_steps.py), the depth an accelerator pays a few microseconds
+for per iteration. Quality and steps are medians over --num_batches batches, time is taken on the first. The same
+run times the paper's path (fp16 L2 distances, scipy linear_sum_assignment on the host, permuted noise back to the
+device) and reports every method's time as a ratio to it.
 
   .venv/bin/python benchmarks/assignment.py --json benchmarks/results/assignment_cpu.json
   .venv/bin/python benchmarks/assignment.py --batch_sizes 1024 --methods jv --jv_sweep 1024  # jv's knobs

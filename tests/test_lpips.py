@@ -67,7 +67,8 @@ def test_network_shapes_and_converter_constants():
 
 
 def test_missing_weights_is_one_line_naming_the_command(tmp_path):
-  with pytest.raises(errors.ConfigError, match=r'make weights \(or: python -m tools\.convert_lpips --cache_dir=') as info:
+  with pytest.raises(errors.ConfigError,
+                     match=r'make weights \(or: python -m tools\.convert_lpips --cache_dir=') as info:
     lpips.load_params(str(tmp_path / 'lpips_vgg16.npz'))
   assert '\n' not in str(info.value)
 
