@@ -74,6 +74,15 @@ def test_the_package_has_no_import_cycle():
   assert 'immiscible_jax.evaluation.runs' not in graph['immiscible_jax.train']
 
 
+def test_the_library_imports_nothing_from_tools():
+  # tools/ (converters, the config reference) is not installed with the library: the library never imports it.
+  for module, path in _modules().items():
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+          [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n == 'tools' or n.startswith('tools.') for n in names), f'{module} imports {names}'
+
+
 def test_the_cycle_finder_finds_a_lazy_import_cycle():
   # runs -> train (at the top) and train -> runs (inside a function): an import inside a function
   # closes a cycle too.
