@@ -34,9 +34,9 @@ weights: $(STAMP)
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('lpips') is None)" \
 		|| $(PY) -m pip install -q --no-deps $(LPIPS_REFERENCE) \
 		|| echo "weights: $(LPIPS_REFERENCE) could not be installed; the LPIPS reference tests will be skipped"
-	@$(PY) -m immiscible_jax.convert_inception --cache_dir=$(CACHE) \
+	@$(PY) -m tools.convert_inception --cache_dir=$(CACHE) \
 		|| echo "weights: Inception conversion failed; Inception tests will be skipped"
-	@$(PY) -m immiscible_jax.convert_lpips --cache_dir=$(CACHE) \
+	@$(PY) -m tools.convert_lpips --cache_dir=$(CACHE) \
 		|| echo "weights: LPIPS conversion failed; LPIPS weight tests will be skipped, training.loss=lpips fails"
 
 # -rs: a skipped test prints its reason (e.g. the GCS emulator could not start). The suite is mostly XLA compiles,

@@ -1,13 +1,13 @@
 """Benchmark of immiscible noise assignment at CIFAR-10 shape (32x32x3): time, quality and depth per method and cost.
 
-For each batch size, method and cost: the median wall time of the jitted `assign_noise` (cost matrix + solve
-+ reorder) after a warm-up call; its quality: the reduction of the mean image-noise L2 distance as a fraction of
-the optimal one (exact L2 assignment, scipy in float64) and as a raw % of the random pairing; and its
-`sequential_steps`: the loop iterations the program executed (every while loop, fori_loop and scan, nested
-ones included, counted by immiscible_jax/loop_steps.py), the depth an accelerator pays a few microseconds for
-per iteration. Quality and steps are medians over --num_batches batches, time is taken on the first. The same
-run times the paper's path (fp16 L2 distances, scipy linear_sum_assignment on the host, permuted noise back
-to the device) and reports every method's time as a ratio to it.
+For each batch size, method and cost: the median wall time of the jitted `assign_noise` (cost matrix + solve +
+reorder) after a warm-up call; its quality: the reduction of the mean image-noise L2 distance as a fraction of the
+optimal one (exact L2 assignment, scipy in float64) and as a raw % of the random pairing; and its
+`sequential_steps`: the loop iterations the program executed (every while loop, fori_loop and scan, nested ones
+included, counted by immiscible_jax/assignment/loop_steps.py), the depth an accelerator pays a few microseconds
+for per iteration. Quality and steps are medians over --num_batches batches, time is taken on the first. The same
+run times the paper's path (fp16 L2 distances, scipy linear_sum_assignment on the host, permuted noise back to the
+device) and reports every method's time as a ratio to it.
 
   .venv/bin/python benchmarks/assignment.py --json benchmarks/results/assignment_cpu.json
   .venv/bin/python benchmarks/assignment.py --batch_sizes 1024 --methods jv --jv_sweep 1024  # jv's knobs
@@ -40,8 +40,8 @@ import scipy.optimize  # noqa: E402
 
 from configs import default  # noqa: E402
 from immiscible_jax import assignment  # noqa: E402
-from immiscible_jax import assignment_solvers  # noqa: E402
-from immiscible_jax import loop_steps  # noqa: E402
+from immiscible_jax.assignment import loop_steps  # noqa: E402
+from immiscible_jax.assignment import solvers  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 # A .tar.gz of CIFAR-10 as JPEGs laid out train/<class>/*.jpg (--data, or this environment variable).
@@ -156,21 +156,21 @@ def jv_sweep(images, noise, repeats):
   timed = [('cost matrix only (-x.n, bf16 in, f32 acc)', cost_fn, (images, noise)),
            ('row-wise jnp.argmin over the BxB cost', jax.jit(lambda c: jnp.argmin(c, axis=1)), (cost,)),
            ('row-wise min, then first index at the min (two plain reductions)',
-            jax.jit(lambda c: assignment_solvers.min_and_argmin(c, axis=1)), (cost,)),
+            jax.jit(lambda c: solvers.min_and_argmin(c, axis=1)), (cost,)),
            ('40 kernel-domain Sinkhorn iterations (warm start only)',
-            jax.jit(lambda c: assignment_solvers.sinkhorn_column_potentials(c, eps, 40)), (cost,)),
+            jax.jit(lambda c: solvers.sinkhorn_column_potentials(c, eps, 40)), (cost,)),
            ('40 log-domain Sinkhorn iterations',
             jax.jit(lambda c: _log_domain_potentials(c, eps, 40)), (cost,))]
   rows = [dict(what=what, median_ms=median_ms(fn, args, repeats)) for what, fn, args in timed]
   knobs = [(0.03, 40, 1), (0.1, 0, 0), (0.1, 0, 2), (0.1, 0, 8), (0.1, 10, 1), (0.05, 20, 0), (0.05, 40, 0),
            (0.03, 40, 0), (0.03, 40, 4), (0.03, 80, 1), (0.02, 40, 0), (0.02, 80, 0)]
   for eps_rel, iters, sweeps in knobs:
-    fn = jax.jit(lambda c, e=eps_rel, i=iters, s=sweeps: assignment_solvers.jv(c, e, i, s, return_stats=True))
+    fn = jax.jit(lambda c, e=eps_rel, i=iters, s=sweeps: solvers.jv(c, e, i, s, return_stats=True))
     stats = {k: int(v) for k, v in fn(cost)[1].items()}
     what = f'jv solve only: warm_start_epsilon={eps_rel} iterations={iters} arr_sweeps={sweeps}'
     rows.append(dict(what=what, median_ms=median_ms(fn, (cost,), repeats), **stats))
   rows.append(dict(what='hungarian (ott-jax, optax inside) solve only',
-                   median_ms=median_ms(jax.jit(assignment_solvers.hungarian), (cost,), repeats)))
+                   median_ms=median_ms(jax.jit(solvers.hungarian), (cost,), repeats)))
   rows.append(dict(what='scipy linear_sum_assignment on this cost, host only',
                    median_ms=median_ms(scipy.optimize.linear_sum_assignment, (np.asarray(cost),), repeats)))
   for row in rows:

@@ -26,7 +26,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from immiscible_jax import checkpointing, models, replicas, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax import checkpointing, models, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
 
 
 def _load_config(path):
@@ -55,7 +56,7 @@ def main():
   model = models.create_model(config.model, config.data.channels)
   init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
   state, init_s = _timed(lambda: jax.block_until_ready(jax.jit(init)(jax.random.key(0))))
-  layout = replicas.PmapLayout(jax.local_devices()[:1])
+  layout = layouts.PmapLayout(jax.local_devices()[:1])
   d_state = layout.put_state(jax.device_get(state))
   del state
   # Stands in for a train step: new device buffers for the whole state, the old ones donated.

@@ -117,7 +117,8 @@ def _loss_params(config):
   if config.training.loss != 'lpips':
     return {}, ''
   import jax  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import errors, lpips, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import errors, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.models import lpips  # pylint: disable=g-import-not-at-top
   try:
     return train.frozen_loss_params(config), 'converted LPIPS-VGG16 weights'
   except errors.ConfigError:
@@ -137,7 +138,8 @@ def part_train(smoke, workdir, config, dtype, mode, per_device_batch=128, min_se
   del workdir
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import data, models, perf, replicas, train, train_state  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import data, models, perf, train, train_state  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
   recipe = 'ct' if 'cifar10_ct' in config else 'ict'
   if smoke:  # the tiny model with the recipe of the config it stands in for
     name, config = config, _load_config('configs/tiny.py')
@@ -151,7 +153,7 @@ def part_train(smoke, workdir, config, dtype, mode, per_device_batch=128, min_se
   loss_params, loss_weights = _loss_params(config)
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
-  layout = replicas.create_layout(mode)
+  layout = layouts.create_layout(mode)
   state = jax.jit(train_state.initializer(config, model, optimizer))(train_state.run_keys(config.seed)[0])
   d_state = layout.put_state(jax.device_get(state))
   del state
@@ -185,7 +187,7 @@ def part_train(smoke, workdir, config, dtype, mode, per_device_batch=128, min_se
               mfu=perf.mfu(images_per_s, per_image, peak, jax.device_count()), peak_flops_per_device=peak,
               accounting=accounting, peak_memory_bytes=_peak_memory(),
               compiled_temp_bytes=getattr(memory, 'temp_size_in_bytes', None),
-              loss_finite=bool(np.isfinite(np.asarray(replicas.fetch_stacked([jax.tree_util.tree_map(
+              loss_finite=bool(np.isfinite(np.asarray(layouts.fetch_stacked([jax.tree_util.tree_map(
                   layout.first, metrics)])['train/loss'])).all()))
 
 

@@ -57,7 +57,8 @@ def _cases(config_name, modes, ks):
   """The plain step and the loop's function for every (mode, k) of one config, compiled and warmed up."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import data, models, replicas, train, train_state  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import data, models, train, train_state  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
   config = __import__(f'configs.{config_name}', fromlist=['get_config']).get_config()
   config.assignment.method = 'none'
   model = models.create_model(config.model, config.data.channels)
@@ -69,17 +70,17 @@ def _cases(config_name, modes, ks):
   batch = {'image': rng.integers(0, 256, (b_host, *data.image_shape(config.data)), dtype=np.uint8),
            'example_id': np.arange(first_row, first_row + b_host, dtype=np.int32)}
   step = functools.partial(train.train_step, apply_fn=model.apply, optimizer=optimizer, config=config)
-  pmap = replicas.PmapLayout()
+  pmap = layouts.PmapLayout()
   one = jax.tree_util.tree_map(lambda x: x[None], batch)
   plain, scan1 = pmap.compile(step), pmap.compile(lambda s, b, f: jax.lax.scan(lambda s, x: step(s, x, f), s, b))
   no_loss_params = pmap.put_state({})
-  cases = [_Case('plain step', lambda s, b: plain(s, b, no_loss_params), replicas.put_sharded, batch,
+  cases = [_Case('plain step', lambda s, b: plain(s, b, no_loss_params), layouts.put_sharded, batch,
                  pmap.put_state(state), 1),
            # What the loop ran for k = 1 before train_steps special-cased it: the guard against that regression.
            _Case('length-1 lax.scan', lambda s, b: scan1(s, b, no_loss_params), pmap.put_batches, one,
                  pmap.put_state(state), 1)]
   for mode in modes:
-    layout = replicas.create_layout(mode)
+    layout = layouts.create_layout(mode)
     for k in ks:
       stacked = jax.tree_util.tree_map(lambda x, k=k: np.stack([x] * k), batch)
       cases.append(_Case(f'loop, {mode}, k={k}', train.make_train_steps(model, optimizer, config, layout),

@@ -23,7 +23,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import device_check  # pylint: disable=g-import-not-at-top,wrong-import-position
-from immiscible_jax import data, models, perf, replicas, train, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax import data, models, perf, train, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
 
 
 def step_flops(config, per_device_batch, loss_params):
@@ -33,7 +34,7 @@ def step_flops(config, per_device_batch, loss_params):
   config.assignment.method = 'none'
   model = models.create_model(config.model, config.data.channels)
   optimizer = train_state.create_optimizer(config.optim)
-  layout = replicas.PmapLayout(jax.local_devices()[:1])
+  layout = layouts.PmapLayout(jax.local_devices()[:1])
   abstract = jax.eval_shape(train_state.initializer(config, model, optimizer), jax.random.key(0))
   d_state = layout.put_state(jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract))
   steps = train.make_train_steps(model, optimizer, config, layout, loss_params)

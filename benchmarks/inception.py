@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from immiscible_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from immiscible_jax import inception  # pylint: disable=g-import-not-at-top,wrong-import-position
 from immiscible_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from immiscible_jax.evaluation import frechet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from immiscible_jax.evaluation import inception  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REFERENCE_IMAGES = 50_000
 
@@ -76,7 +76,7 @@ def bench_frechet(dim=inception.FEATURE_DIM):
   a, b = rng.normal(size=(dim, dim)), rng.normal(size=(dim, dim))
   sigma1, sigma2 = a @ a.T / dim, b @ b.T / dim
   start = time.perf_counter()
-  evaluation.frechet_distance(np.zeros(dim), sigma1, np.ones(dim), sigma2)
+  frechet.frechet_distance(np.zeros(dim), sigma1, np.ones(dim), sigma2)
   return round(time.perf_counter() - start, 2)
 
 

@@ -25,7 +25,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from immiscible_jax import data, prefetch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from immiscible_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from immiscible_jax.parallel import prefetch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _rate(iterator, batch_size, seconds, repeats, block=False):

@@ -10,7 +10,7 @@ calls) and reports, over the traced dispatches (the loop's StepTraceAnnotation '
             below that overlaps it most);
   host      the loop thread's time in its phases: the dispatch call of the compiled step ('train' annotation),
             reading and putting the next batches (prefetch __next__), waiting for the device
-            (replicas.wait_until_ready), logging (fetch of the metrics, writer), saving, and the rest.
+            (layouts.wait_until_ready), logging (fetch of the metrics, writer), saving, and the rest.
 XLA:CPU runs ops on its own threads (one pool per device); a GPU or TPU trace puts device ops under a separate
 '/device:' process, which counts as device here too. On XLA:CPU each program execution is one event, so the
 time between consecutive executions (the device waiting for the next dispatch) is reported as well.
@@ -26,11 +26,11 @@ EXECUTION = 'ThunkExecutor::Execute (wait for completion)'
 # Loop phases, by the Python function the tracer names ('$file.py:line function'); the first match wins.
 PHASES = (('dispatch', ('train',)),
           ('input', ('prefetch.py', '__next__')),
-          ('wait for the device', ('replicas.py', 'wait_until_ready')),
-          ('log', ('replicas.py', 'fetch_stacked')),
+          ('wait for the device', ('layouts.py', 'wait_until_ready')),
+          ('log', ('layouts.py', 'fetch_stacked')),
           ('log', ('metric_writer.py', 'write')),
           ('save', ('checkpointing.py', 'save')),
-          ('save', ('replicas.py', 'host_state')),
+          ('save', ('layouts.py', 'host_state')),
           ('flops accounting', ('perf.py', 'train_step_accounting')))
 
 

@@ -26,7 +26,8 @@ warnings.filterwarnings('ignore', message='.*JAXopt is no longer maintained.*')
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from immiscible_jax import data, models, replicas, train, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax import data, models, train, train_state  # pylint: disable=g-import-not-at-top
+from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
 
 
 def load_config(path):
@@ -47,7 +48,7 @@ class Case:
     self.config = config
     model = models.create_model(config.model, config.data.channels)
     optimizer = train_state.create_optimizer(config.optim)
-    layout = replicas.PmapLayout()
+    layout = layouts.PmapLayout()
     self._state = layout.put_state(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
     self._step = train.make_train_steps(model, optimizer, config, layout)  # the loop's function, one step a call
     # On the devices once, as the trainer's prefetch delivers it: [devices, k = 1, B_dev, ...].

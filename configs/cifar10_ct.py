@@ -6,13 +6,13 @@
 Paper (Table 3, CT on CIFAR-10): batch 512, K = 800k iterations, RAdam lr 4e-4, mu0 = 0.9, s0 = 2, s1 = 150,
 sampling EMA 0.9999, LPIPS metric; published FID 8.70 (1 step) / 5.83 (2 steps). LPIPS-VGG16 as in the CT code
 (jcm/losses.py): both outputs resized bilinearly to 224x224 (training.lpips_resolution), weights converted once
-by `make weights` (immiscible_jax/lpips.py).
+by `make weights` (immiscible_jax/models/lpips.py).
 FLOPs: 251.5 GFLOPs per image per train step with LPIPS, 162.2 without it (training.loss='l2'), plus 2.7 GFLOPs
 per step whatever the batch (optimizer, EMA and target updates): XLA's cost analysis of the compiled step
 (benchmarks/flops.py: XLA:CPU, one device, assignment none, per-device batches 1 and 2, the count linear in the
 batch; benchmarks/results/flops_cifar10_ct_cpu.json). LPIPS's 89.4 GFLOPs (VGG16 at 224 forward on both outputs,
-backward through the online one) run in float32 at precision 'highest' by design (lpips.py), so on a GPU they run
-at the FP32 rate, not the bf16 one: at an H100's datasheet peaks (989 bf16, 67 FP32 dense TFLOP/s) the step
+backward through the online one) run in float32 at precision 'highest' by design (models/lpips.py), so on a GPU they
+run at the FP32 rate, not the bf16 one: at an H100's datasheet peaks (989 bf16, 67 FP32 dense TFLOP/s) the step
 cannot exceed about 670 images/s per GPU (arithmetic from those peaks, not a measurement; `make device-check`
 measures it). The model and data settings follow the JAX anchor's CT config
 (openai/consistency_models_cifar10, configs/cifar10_ve_ct_adaptive.py): Fourier embedding scale 16, dropout 0,

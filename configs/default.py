@@ -131,7 +131,8 @@ def get_config():
   # permutation), 'scipy' (paper's host solver via pure_callback), 'knn' (nearest of knn_k draws per image;
   # changes the noise marginal).
   assignment.method = 'none'
-  # 'l2' (Euclidean, as in the paper) or 'sqeuclidean' (minibatch OT; only -x.n matters).
+  # 'l2' (Euclidean, as in the paper) or 'sqeuclidean' (minibatch OT; only -x.n matters). 'knn' is unaffected: an
+  # image's nearest candidate is the same under either.
   assignment.cost = 'sqeuclidean'
   # Inputs quantised to this dtype before the distance computation: 'bfloat16' or 'float32' (accumulation
   # always float32).

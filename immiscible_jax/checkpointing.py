@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from immiscible_jax import agreement
 from immiscible_jax import errors
 from immiscible_jax import storage
+from immiscible_jax.parallel import agreement
 
 
 class UnreadableCheckpointError(RuntimeError):

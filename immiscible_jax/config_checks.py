@@ -12,11 +12,11 @@ import jax
 from immiscible_jax import assignment
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import evaluation
-from immiscible_jax import lpips
 from immiscible_jax import models
-from immiscible_jax import replicas
 from immiscible_jax import resume_rules
+from immiscible_jax.evaluation import frechet
+from immiscible_jax.models import lpips
+from immiscible_jax.parallel import layouts
 
 RECIPES = ('ct', 'ict')
 LOSSES = ('l2', 'l1', 'pseudo_huber', 'lpips')
@@ -125,7 +125,7 @@ def _check_batch_fits_devices(t, devices):
 def _check_dispatch(config):
   """parallel.mode, and intervals that fall on dispatch boundaries (training.steps_per_dispatch)."""
   mode, k = config.parallel.mode, config.training.steps_per_dispatch
-  _require(mode in replicas.MODES, 'parallel.mode', f'got {mode!r}', errors.allowed_values(replicas.MODES))
+  _require(mode in layouts.MODES, 'parallel.mode', f'got {mode!r}', errors.allowed_values(layouts.MODES))
   _require(k > 0, 'training.steps_per_dispatch', f'must be positive, got {k!r}')
   intervals = {'training.num_steps': config.training.num_steps,
                'training.log_every_steps': config.training.log_every_steps,
@@ -167,7 +167,7 @@ def validate(config, for_training=True):
   data.validate_config(config.data)
   models.validate_config(config.model, config.data.image_size)
   assignment.validate_config(config.assignment)
-  evaluation.validate_config(config.eval)
+  frechet.validate_config(config.eval)
 
 
 def check_resume_compatible(saved, config, allow_schedule_change=False):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from immiscible_jax import errors
-from immiscible_jax import lpips
+from immiscible_jax.models import lpips
 
 
 # ----------------------------------------------------------------------------- grids and schedules

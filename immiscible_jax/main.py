@@ -81,7 +81,7 @@ def main(argv):
     if FLAGS.traceback:
       raise
     _fail(str(e))
-  except KeyboardInterrupt:  # the second Ctrl-C (preemption.py): leave now
+  except KeyboardInterrupt:  # the second Ctrl-C (parallel/preemption.py): leave now
     sys.stdout.flush()
     sys.stderr.write('aborted by a second Ctrl-C: the current step is not saved; the run resumes from its last '
                      'checkpoint\n')
@@ -126,29 +126,30 @@ def _run(config):
     config = saved_config.for_inference(workdir, ckpt_config, FLAGS.step, config, _SAVED_CONFIG_OVERRIDES)
   # Before the heavier imports below, and before anything compiles.
   config_checks.validate(config, for_training=FLAGS.mode == 'train')
-  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import runs  # pylint: disable=g-import-not-at-top
   created = not storage.exists(workdir)
   storage.makedirs(workdir)
   try:
-    _run_mode(config, workdir, evaluators, train)
+    _run_mode(config, workdir, runs, train)
   except errors.ConfigError:
     if created and not storage.is_remote(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)  # a refused run leaves no empty workdir behind
     raise
 
 
-def _run_mode(config, workdir, evaluators, train):
+def _run_mode(config, workdir, runs, train):
   if FLAGS.mode == 'train':
     from immiscible_jax import workdir_lock  # pylint: disable=g-import-not-at-top
     with workdir_lock.hold(workdir):  # one trainer per workdir; a second one is refused before it touches it
-      evaluator = evaluators.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
+      evaluator = runs.TrainingEvaluator(config) if config.eval.every_steps > 0 else None
       train.train_and_evaluate(config, workdir, evaluator=evaluator,
                                allow_schedule_change=FLAGS.allow_schedule_change,
                                config_name=config_flags.get_config_filename(FLAGS['config']))
   elif FLAGS.mode == 'sample':
-    evaluators.sample_from_checkpoint(config, workdir, FLAGS.step)
+    runs.sample_from_checkpoint(config, workdir, FLAGS.step)
   else:
-    evaluators.evaluate(config, workdir, FLAGS.step, FLAGS.samples)
+    runs.evaluate(config, workdir, FLAGS.step, FLAGS.samples)
 
 
 def _fail(message):

@@ -9,8 +9,8 @@ The batch's path through `train_step`, top to bottom, one call site per idea:
 Randomness: step key = fold_in(key(seed), step); noise and noise levels are drawn per *global example index*
 (batch['example_id'], from the input pipeline), so a run does not depend on how the global batch is split over
 processes and devices (only dropout and KNN's extra candidates are drawn per device).
-The step runs under either parallel.mode (replicas.py: jax.pmap, or jax.jit + jax.shard_map over a Mesh) with
-the same per-device view, so both modes compute the same thing. The state and its factories are in
+The step runs under either parallel.mode (parallel/layouts.py: jax.pmap, or jax.jit + jax.shard_map over a
+Mesh) with the same per-device view, so both modes compute the same thing. The state and its factories are in
 train_state.py; the evaluator is built by the caller (main.py) and passed in.
 """
 import collections
@@ -25,25 +25,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from immiscible_jax import agreement
 from immiscible_jax import assignment
 from immiscible_jax import checkpointing
 from immiscible_jax import config_checks
 from immiscible_jax import consistency
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import lpips
 from immiscible_jax import metric_writer
 from immiscible_jax import models
 from immiscible_jax import perf
-from immiscible_jax import prefetch
-from immiscible_jax import preemption
 from immiscible_jax import profiling
-from immiscible_jax import replicas
 from immiscible_jax import storage
 from immiscible_jax import train_state
+from immiscible_jax.models import lpips
+from immiscible_jax.parallel import agreement
+from immiscible_jax.parallel import layouts
+from immiscible_jax.parallel import preemption
+from immiscible_jax.parallel import prefetch
 
-AXIS = replicas.AXIS
+AXIS = layouts.AXIS
 # Dispatches the host may have made that the device has not finished: after dispatching n the loop waits for
 # n - 1. Two keep the device fed (the next step is queued while the host prepares the one after) and bound how
 # long a stop waits: at most two dispatches of device time, not a queue of fifty.
@@ -84,7 +84,7 @@ def accumulated_value_and_grad(loss_fn, params, batch, key, num_micro):
 
 def train_step(state, batch, loss_params, *, apply_fn, optimizer, config):
   """One consistency-training step on this device's shard; runs mapped over the device axis 'batch' (either
-  layout of replicas.py). loss_params: the frozen weights of the loss's network (LPIPS; {} for the other
+  layout of parallel/layouts.py). loss_params: the frozen weights of the loss's network (LPIPS; {} for the other
   metrics), an input of the step that is never differentiated, updated or saved."""
   tcfg = config.training
   images = to_unit_range(batch['image'])                              # [B_dev, H, W, C] in [-1, 1]
@@ -184,7 +184,7 @@ class TrainSteps:
 
 
 def make_train_steps(model, optimizer, config, layout, loss_params=None):
-  """The compiled k-step function of `layout` (replicas.create_layout): (device state, device batches) ->
+  """The compiled k-step function of `layout` (layouts.create_layout): (device state, device batches) ->
   (device state, metrics); the state is donated. loss_params (frozen_loss_params; default {}) are put on the
   devices once here and passed to every call as an input, so they are neither baked into the program as
   constants nor part of the trained, checkpointed state."""
@@ -274,7 +274,7 @@ def _log_window(writer, step, pending, k, config, seconds, lr_fn, accounting, ma
   """Writes the means of the steps since the last log (fetched in one transfer) with images/s over `seconds`
   and MFU; raises NonFiniteError, naming the window, when any of them is not finite."""
   tcfg = config.training
-  scalars = summarize(replicas.fetch_stacked(pending), float(lr_fn(step - 1)))
+  scalars = summarize(layouts.fetch_stacked(pending), float(lr_fn(step - 1)))
   scalars['perf/images_per_sec'] = len(pending) * k * tcfg.batch_size / seconds
   mfu = perf.mfu(scalars['perf/images_per_sec'], *accounting, jax.device_count())
   if mfu is not None:
@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   evaluator: (host TrainState, step, between_batches) -> {metric name: value}, run every eval.every_steps steps
   (when > 0) and after the last step; it calls between_batches() after each of its batches (which raises
   agreement.StopReached when the run must stop); None: no evaluation. main.py passes
-  evaluators.TrainingEvaluator(config). stop_at_step: leave (with a checkpoint) after the dispatch that reaches
+  evaluation.runs.TrainingEvaluator(config). stop_at_step: leave (with a checkpoint) after the dispatch that reaches
   this step, as if preempted there; the schedules still follow training.num_steps. allow_schedule_change: resume
   even if a schedule key (resume_rules.RULES) changed (e.g. a raised training.num_steps). config_name: how the
   start-up line names the config (main.py: its file). Returns the final host TrainState.
@@ -350,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
   for note in notes:
     if note:
       writer.log(note)
-  layout = replicas.create_layout(config.parallel.mode)
+  layout = layouts.create_layout(config.parallel.mode)
   data_iter = start_stream(step)
   # The next dispatch's k batches are read and put on the devices while this one runs.
   dispatches = prefetch.DevicePrefetcher(iter(lambda: stack_batches(data_iter, k), None), put=layout.put_batches)
@@ -384,14 +384,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
       step += k
       writer.advance(step)
       while len(in_flight) >= MAX_DISPATCHES_IN_FLIGHT:
-        replicas.wait_until_ready(in_flight.popleft())
+        layouts.wait_until_ready(in_flight.popleft())
       trace.after_dispatch(step, metrics)
       last = step == tcfg.num_steps
       preempted = stop.reached() or (stop_at_step is not None and step >= stop_at_step)
       save_now = last or preempted or step % config.checkpoint.every_steps == 0
       evaluate_now = evaluator is not None and (last or (every_eval > 0 and step % every_eval == 0))
       if in_flight and (save_now or evaluate_now or step % tcfg.log_every_steps == 0):
-        replicas.wait_until_ready(in_flight.pop())  # the host reads results now: wait where signals still work
+        layouts.wait_until_ready(in_flight.pop())  # the host reads results now: wait where signals still work
         in_flight.clear()
       if step % tcfg.log_every_steps == 0 or save_now:
         _log_window(writer, step, pending, k, config, time.time() - t0, lr_fn, accounting, manager)

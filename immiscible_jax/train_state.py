@@ -1,6 +1,6 @@
 """The train state of a run and its factories: optimizer, learning-rate schedule, initial state, the run's keys.
 
-Used by the trainer (train.py) and by everything that restores a checkpoint (evaluators.py): a restore needs the
+Used by the trainer (train.py) and by everything that restores a checkpoint (evaluation/runs.py): a restore needs the
 state's abstract shape, which `jax.eval_shape(initializer(config, model, optimizer), key)` gives without
 computing anything.
 """

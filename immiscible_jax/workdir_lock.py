@@ -160,7 +160,7 @@ def _agreed(acquire):
   """acquire() in process 0, its outcome shared with every process (agreement.from_process0): the release
   function (a no-op elsewhere), or the ConfigError raised in every process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import agreement  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.parallel import agreement  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return acquire()
   release, refusal = (lambda: None), ''

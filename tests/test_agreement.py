@@ -1,4 +1,4 @@
-"""agreement.py: the one module of cross-process decisions, and the one private JAX API it uses.
+"""parallel/agreement.py: the one module of cross-process decisions, and the one private JAX API it uses.
 
 Their multi-process behaviour is tested in tests/test_multihost.py (two real processes): restores agree, the
 evaluation's moments sum, a SIGTERM to one process stops both at the same saved step. Here: what a JAX upgrade
@@ -10,7 +10,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from immiscible_jax import agreement
+from immiscible_jax.parallel import agreement
 
 _PACKAGE = os.path.join(os.path.dirname(__file__), os.pardir, 'immiscible_jax')
 
@@ -50,13 +50,17 @@ def test_one_process_agrees_with_itself():
 
 
 def test_no_other_module_makes_cross_process_decisions():
-  """jax._src, the key-value store, multihost_utils and the preemption sync point appear in agreement.py only."""
+  """jax._src, the key-value store, multihost_utils and the preemption sync point appear in
+  parallel/agreement.py only (every module of the package, subpackages included)."""
   markers = ('jax._src', 'multihost_utils', 'key_value', 'process_allgather', 'sync_global_devices',
              'reached_preemption')
-  for name in sorted(os.listdir(_PACKAGE)):
-    if name.endswith('.py') and name != 'agreement.py':
+  names = sorted(os.path.relpath(os.path.join(folder, f), _PACKAGE)
+                 for folder, _, files in os.walk(_PACKAGE) for f in files if f.endswith('.py'))
+  assert os.path.join('parallel', 'agreement.py') in names
+  for name in names:
+    if name != os.path.join('parallel', 'agreement.py'):
       source = open(os.path.join(_PACKAGE, name)).read()
       ast.parse(source)
       found = [m for m in markers if m in source]
-      assert not found, f'{name} uses {found}: cross-process agreement belongs in agreement.py'
+      assert not found, f'{name} uses {found}: cross-process agreement belongs in parallel/agreement.py'
   assert jax.process_count() == 1

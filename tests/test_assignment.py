@@ -14,8 +14,8 @@ import scipy.optimize
 from configs import default
 
 from immiscible_jax import assignment
-from immiscible_jax import assignment_solvers
-from immiscible_jax import loop_steps
+from immiscible_jax.assignment import loop_steps
+from immiscible_jax.assignment import solvers
 
 SHAPE = (4, 4, 3)  # tiny images: compile time, not arithmetic, dominates
 KEY = jax.random.key(0)
@@ -79,18 +79,14 @@ def assign_fn(methods, **overrides):
 @functools.lru_cache(maxsize=None)
 def solvers_fn():
   """The exact solvers (EXACT order), then the auction, in one program."""
-  return jax.jit(lambda c: (assignment_solvers.jv(c), assignment_solvers.hungarian(c),
-                            assignment_solvers.scipy_lsa(c), assignment_solvers.auction(c)))
+  return jax.jit(lambda c: (solvers.jv(c), solvers.hungarian(c),
+                            solvers.scipy_lsa(c), solvers.auction(c)))
 
 
 EXACT = ('jv', 'hungarian', 'scipy')
 
 
 # ----------------------------------------------------------------------------------------------- config
-
-def test_default_config_section_is_valid():
-  assignment.validate_config(default_config().assignment)
-
 
 def test_a_config_lacking_keys_is_refused_by_name():
   config = make_config()
@@ -150,7 +146,7 @@ def test_solvers_match_scipy_on_random_matrices(batch):
 def jv_variants_fn():
   # No warm start and no row reduction (pure Dijkstra), the defaults, and a long row reduction.
   knobs = [(0.1, 0, 0), (0.03, 40, 1), (0.02, 80, 8)]
-  return jax.jit(lambda c: [assignment_solvers.jv(c, *k) for k in knobs])
+  return jax.jit(lambda c: [solvers.jv(c, *k) for k in knobs])
 
 
 def test_jv_is_exact_whatever_its_speed_knobs_on_degenerate_matrices():
@@ -185,7 +181,7 @@ def test_solvers_on_a_hand_built_case():
 
 def test_complete_to_permutation_keeps_first_claims_and_fills_in_order():
   # Rows 0 and 1 claim column 2 (row 0 keeps it), row 3 has column 0, rows 1, 2, 4 take 1, 3, 4 in order.
-  out = assignment_solvers.complete_to_permutation(jnp.array([2, 2, -1, 0, -1], jnp.int32))
+  out = solvers.complete_to_permutation(jnp.array([2, 2, -1, 0, -1], jnp.int32))
   np.testing.assert_array_equal(np.asarray(out), [2, 1, 3, 0, 4])
 
 
@@ -193,9 +189,9 @@ def test_complete_to_permutation_keeps_first_claims_and_fills_in_order():
 def capped_fn():
   """jv without warm start or row reduction (so it needs Dijkstra searches of several steps) and the
   auction, each with default loop caps and with caps too small to finish."""
-  jv = functools.partial(assignment_solvers.jv, warm_start_iterations=0, arr_sweeps=0, return_stats=True)
-  auction = functools.partial(assignment_solvers.auction, return_stats=True)
-  sinkhorn = lambda c: assignment_solvers.sinkhorn(c, 0.05, 10, 1e-9, arr_sweeps=0, return_stats=True)
+  jv = functools.partial(solvers.jv, warm_start_iterations=0, arr_sweeps=0, return_stats=True)
+  auction = functools.partial(solvers.auction, return_stats=True)
+  sinkhorn = lambda c: solvers.sinkhorn(c, 0.05, 10, 1e-9, arr_sweeps=0, return_stats=True)
   return jax.jit(lambda c: dict(jv=jv(c), jv_capped=jv(c, max_dijkstra_steps=1), auction=auction(c),
                                 sinkhorn_capped=sinkhorn(c),
                                 auction_one_round=auction(c, max_rounds=1, swap_rounds=0),
@@ -246,10 +242,10 @@ def test_loop_steps_counts_every_iteration_of_nested_and_data_dependent_loops():
 def test_solvers_report_the_loop_steps_that_loop_steps_measures():
   images, noise = image_like(64, seed=41)
   cost = assignment.cost_matrix(images, noise, 'sqeuclidean', jnp.float32)
-  solvers = (functools.partial(assignment_solvers.jv, return_stats=True),
-             functools.partial(assignment_solvers.auction, return_stats=True),
-             lambda c: assignment_solvers.sinkhorn(c, 0.05, 200, 1e-3, return_stats=True))
-  outs, counted = jax.jit(loop_steps.counting(lambda c: [f(c) for f in solvers]))(cost)
+  reporting = (functools.partial(solvers.jv, return_stats=True),
+               functools.partial(solvers.auction, return_stats=True),
+               lambda c: solvers.sinkhorn(c, 0.05, 200, 1e-3, return_stats=True))
+  outs, counted = jax.jit(loop_steps.counting(lambda c: [f(c) for f in reporting]))(cost)
   reported = [int(stats['sequential_steps']) for _, stats in outs]
   assert all(r > 0 for r in reported) and sum(reported) == int(counted), reported
 

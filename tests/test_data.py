@@ -411,7 +411,7 @@ def test_validate_config_names_the_key(overrides, match):
 
 
 def test_device_prefetch_reads_ahead_and_shards_for_pmap():
-  from immiscible_jax import prefetch  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.parallel import prefetch  # pylint: disable=g-import-not-at-top
   new = lambda: data.create_train_iterator(_config(), 16, seed=0, process_index=0, process_count=1)
   expected = [next(it) for it in [new()] for _ in range(4)]
   put = []

@@ -1,6 +1,6 @@
 """The Flax FID Inception: parameter count, preprocessing, and equality with the TorchScript reference.
 
-The reference tests need PyTorch and the files written by `python -m immiscible_jax.convert_inception`
+The reference tests need PyTorch and the files written by `python -m tools.convert_inception`
 (`make test` runs it first, with IMMISCIBLE_JAX_CACHE pointing at the cache); without them they are skipped.
 """
 import importlib.util
@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from immiscible_jax import convert_inception
-from immiscible_jax import evaluation
-from immiscible_jax import inception
 from immiscible_jax import storage
+from immiscible_jax.evaluation import frechet
+from immiscible_jax.evaluation import inception
+from tools import convert_inception
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 CACHE = storage.default_cache_dir()
@@ -53,8 +53,12 @@ def _numpy_legacy_bilinear(images_uint8, size=299):
 def test_parameter_count():
   shapes = inception.param_shapes()
   # The TF inception-2015-12-05 graph up to pool3: 94 conv layers x (kernel, beta, mean, var).
-  assert len(shapes) == 376
+  assert len(shapes) == 376 == convert_inception.NUM_TENSORS
   assert sum(int(np.prod(s)) for s in shapes.values()) == 21_802_784
+  assert inception.NUM_PARAMS == convert_inception.NUM_PARAMS == 21_802_784
+  # tools/convert_inception.py keeps its own copies (its fast path imports no JAX): the same files.
+  assert (convert_inception.WEIGHTS_FILENAME, convert_inception.TORCHSCRIPT_FILENAME) == (
+      inception.WEIGHTS_FILENAME, inception.TORCHSCRIPT_FILENAME)
   assert shapes['conv/kernel'] == (3, 3, 3, 32)
   assert shapes['mixed_4/tower/conv_1/kernel'] == (1, 7, 128, 128)
   assert shapes['mixed_10/tower_2_conv/kernel'] == (1, 1, 2048, 192)
@@ -85,7 +89,7 @@ def test_preprocessing_matches_nvidia_resize_in_torch(images32):
 
 
 def test_load_params_rejects_wrong_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match='convert_inception'):
+  with pytest.raises(FileNotFoundError, match=r'(?s)make weights.*python -m tools\.convert_inception --cache_dir='):
     inception.load_params(str(tmp_path / 'missing.npz'))
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **{'conv/kernel': np.zeros((3, 3, 3, 32), np.float32)})
@@ -104,13 +108,13 @@ def test_converter_checks_the_sha1(tmp_path):
 @needs_torch
 @pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated:DeprecationWarning')
 @pytest.mark.skipif(not (os.path.exists(PT_PATH) and os.path.exists(NPZ_PATH)),
-                    reason=f'no {PT_PATH} / {NPZ_PATH}: run python -m immiscible_jax.convert_inception '
+                    reason=f'no {PT_PATH} / {NPZ_PATH}: run python -m tools.convert_inception '
                            f'--cache_dir={CACHE}')
 def test_flax_features_equal_torchscript(images32):
   import torch  # pylint: disable=g-import-not-at-top
   assert convert_inception.sha1_of(PT_PATH) == convert_inception.TORCHSCRIPT_SHA1
   # Batch 2 on 3 images: the extractor pads its last batch; one device keeps the test to one compile.
-  extractor = evaluation.inception_extractor(CACHE, batch_size=2, num_devices=1)
+  extractor = frechet.inception_extractor(CACHE, batch_size=2, num_devices=1)
   ours = extractor(images32)
   assert ours.shape == (3, 2048) and ours.dtype == np.float32
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from immiscible_jax import convert_lpips
 from immiscible_jax import errors
-from immiscible_jax import lpips
 from immiscible_jax import storage
+from immiscible_jax.models import lpips
+from tools import convert_lpips
 
 HAS_TORCH = importlib.util.find_spec('torch') is not None
 HAS_LPIPS = importlib.util.find_spec('lpips') is not None
@@ -67,7 +67,8 @@ def test_network_shapes_and_converter_constants():
 
 
 def test_missing_weights_is_one_line_naming_the_command(tmp_path):
-  with pytest.raises(errors.ConfigError, match='make weights') as info:
+  with pytest.raises(errors.ConfigError,
+                     match=r'make weights \(or: python -m tools\.convert_lpips --cache_dir=') as info:
     lpips.load_params(str(tmp_path / 'lpips_vgg16.npz'))
   assert '\n' not in str(info.value)
 

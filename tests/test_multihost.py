@@ -41,7 +41,7 @@ def _config():
   config.training.num_steps = NUM_STEPS
   config.training.log_every_steps = LOG_EVERY
   config.checkpoint.every_steps = CKPT_EVERY
-  config.assignment.method = 'hungarian'
+  config.assignment.method = 'jv'  # exact (the optimality check below needs it); compiles faster than 'hungarian'
   config.assignment.scope = 'global'
   config.eval.every_steps = NUM_STEPS  # once, at the end: the metric of the split evaluation
   config.eval.num_samples = 50  # not a multiple of the process count: unequal shares
@@ -67,10 +67,11 @@ def drive(workdir, out_dir):
   from immiscible_jax import main as entry  # pylint: disable=g-import-not-at-top
   entry._maybe_initialize_distributed()  # pylint: disable=protected-access  # the trainer's own set-up
   import jax  # pylint: disable=g-import-not-at-top
-  from immiscible_jax import assignment, checkpointing, data, evaluators, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import assignment, checkpointing, data, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import runs  # pylint: disable=g-import-not-at-top
 
   config = _config()
-  final = train.train_and_evaluate(config, workdir, evaluator=evaluators.TrainingEvaluator(config))
+  final = train.train_and_evaluate(config, workdir, evaluator=runs.TrainingEvaluator(config))
   sharded = config.copy_and_resolve_references()
   sharded.parallel.mode = 'shard_map'
   sharded.eval.every_steps = 0
@@ -216,11 +217,12 @@ def test_processes_end_with_identical_trained_parameters(run):
 
 
 def test_one_process_with_all_devices_trains_and_evaluates_the_same(run, tmp_path):
-  from immiscible_jax import evaluators, train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax import train  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import runs  # pylint: disable=g-import-not-at-top
   workdir, (first, _), _ = run
   config = _config()
   # This pytest process: 1 process x 8 devices, the same global batches; dropout is 0 in the tiny config.
-  single = train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config))
+  single = train.train_and_evaluate(config, str(tmp_path), evaluator=runs.TrainingEvaluator(config))
   two_processes = _prefixed(first, 'final')
   # Same examples on the same global devices; only the cross-device sum of the gradients differs in order
   # (in-process all-reduce vs gloo across processes), so float32 rounding: 1.5e-8 at most, measured.

@@ -15,8 +15,8 @@ import pytest
 from fake_steps import METRICS
 from fake_steps import tiny_config
 from immiscible_jax import metric_writer
-from immiscible_jax import replicas
 from immiscible_jax import train
+from immiscible_jax.parallel import layouts
 
 COMPILE_S, STEP_S = 1000.0, 2.0
 
@@ -33,7 +33,7 @@ class _Clock:
 
 class _ClockedSteps:
   """train.make_train_steps' stand-in and the device it runs on: the first call compiles (the clock moves on), each
-  call queues k steps of device time; wait() (replicas.wait_until_ready's stand-in) moves the clock to when the
+  call queues k steps of device time; wait() (layouts.wait_until_ready's stand-in) moves the clock to when the
   device has done all it was given."""
 
   def __init__(self, clock):
@@ -66,7 +66,7 @@ def _clocked(monkeypatch):
   monkeypatch.setattr(metric_writer, 'time', clock)
   steps = _ClockedSteps(clock)
   monkeypatch.setattr(train, 'make_train_steps', steps.make)
-  monkeypatch.setattr(replicas, 'wait_until_ready', steps.wait)
+  monkeypatch.setattr(layouts, 'wait_until_ready', steps.wait)
   return steps
 
 

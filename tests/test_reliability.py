@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import errors
 from immiscible_jax import models
-from immiscible_jax import preemption
 from immiscible_jax import train
 from immiscible_jax import train_state
+from immiscible_jax.parallel import agreement
+from immiscible_jax.parallel import preemption
 import command_line
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -345,12 +345,12 @@ def test_sample_and_eval_fall_back_past_a_corrupt_newest_meta_saying_which_step(
 def test_evaluations_of_one_step_keep_every_metric_and_flag_small_sample_sets(reference, tmp_path):
   """Issue 21, case 5: a second metric of the same step replaced the first's eval_<step>.json; an FD on fewer
   samples than feature dimensions carried no warning."""
-  from immiscible_jax import evaluators  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import runs  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference, workdir)
   small = _config(**{'eval.num_samples': 16})  # 16 samples of 8x8x1 = 64 pixel features
   pooled = _config(**{'eval.num_samples': 128, 'eval.pixel_downsample': 2})  # 128 samples, 16 features
-  first, second = evaluators.evaluate(small, workdir), evaluators.evaluate(pooled, workdir)
+  first, second = runs.evaluate(small, workdir), runs.evaluate(pooled, workdir)
   written = sorted(n for n in os.listdir(workdir) if n.startswith('eval_'))
   assert len(written) == 2, written
   by_extractor = {json.load(open(os.path.join(workdir, n)))['extractor']: n for n in written}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from immiscible_jax import errors
-from immiscible_jax import replicas
 from immiscible_jax import sampling
+from immiscible_jax.parallel import layouts
 
 SHAPE = (4, 4, 1)
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
@@ -48,7 +48,7 @@ def test_multistep_sampler_follows_algorithm_1(sigmas):
 
 def test_generate_is_deterministic_and_independent_of_chunking():
   sampler = sampling.make_sampler(_net, SHAPE, (80.0, 0.821), SIGMA_MIN, SIGMA_DATA)
-  params = replicas.replicate(PARAMS)
+  params = layouts.replicate(PARAMS)
   key = jax.random.key(1)
   thirteen = sampling.generate(sampler, params, key, 13, SHAPE, per_device_batch=1)
   assert thirteen.shape == (13, *SHAPE)

@@ -19,8 +19,8 @@ import numpy as np
 
 from fake_steps import SlowSteps
 from fake_steps import tiny_config as _config
-from immiscible_jax import evaluators
 from immiscible_jax import train
+from immiscible_jax.evaluation import runs
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
@@ -109,7 +109,7 @@ def test_a_preemption_during_evaluation_stops_between_evaluation_batches(tmp_pat
   monkeypatch.setattr(train, 'make_train_steps', steps.make)
   config = _config(**{'training.num_steps': 12, 'training.log_every_steps': 2, 'checkpoint.every_steps': 4,
                       'eval.every_steps': 4, 'eval.num_samples': 64, 'eval.batch_size': 1})
-  evaluator = evaluators.TrainingEvaluator(config)
+  evaluator = runs.TrainingEvaluator(config)
   sampler, calls = evaluator._sampler, []  # pylint: disable=protected-access
 
   def sampler_that_gets_preempted(*args):

@@ -69,15 +69,25 @@ def test_the_package_has_no_import_cycle():
   assert 'immiscible_jax.train' in graph and 'immiscible_jax.train_state' in graph['immiscible_jax.train']
   cycle = find_cycle(graph)
   assert cycle is None, ' -> '.join(cycle)
-  # The evaluator is handed to the trainer by its caller: the trainer does not import the evaluators.
-  assert 'immiscible_jax.evaluators' not in graph['immiscible_jax.train']
+  # The evaluator is handed to the trainer by its caller: the trainer does not import evaluation.runs.
+  assert 'immiscible_jax.evaluation.runs' in graph
+  assert 'immiscible_jax.evaluation.runs' not in graph['immiscible_jax.train']
+
+
+def test_the_library_imports_nothing_from_tools():
+  # tools/ (converters, the config reference) is not installed with the library: the library never imports it.
+  for module, path in _modules().items():
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+          [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n == 'tools' or n.startswith('tools.') for n in names), f'{module} imports {names}'
 
 
 def test_the_cycle_finder_finds_a_lazy_import_cycle():
-  # evaluators -> train (at the top) and train -> evaluators (inside a function): an import inside a function
+  # runs -> train (at the top) and train -> runs (inside a function): an import inside a function
   # closes a cycle too.
-  graph = {'evaluators': {'train'}, 'train': {'evaluators', 'data'}, 'data': set()}
-  assert find_cycle(graph) == ['evaluators', 'train', 'evaluators']
+  graph = {'runs': {'train'}, 'train': {'runs', 'data'}, 'data': set()}
+  assert find_cycle(graph) == ['runs', 'train', 'runs']
 
 
 @pytest.mark.parametrize('path', ['train.py', 'train_state.py', 'checkpointing.py', 'consistency.py'])

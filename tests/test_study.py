@@ -14,10 +14,10 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from immiscible_jax import config_checks
 from immiscible_jax import data
-from immiscible_jax import evaluators
 from immiscible_jax import models
 from immiscible_jax import train
 from immiscible_jax import train_state
+from immiscible_jax.evaluation import runs
 from launch import report_stats
 from launch import sweep
 
@@ -108,7 +108,7 @@ def test_one_study_arm_runs_two_steps_with_evaluation(arms, tmp_path, monkeypatc
       'training.num_steps': 2, 'training.log_every_steps': 1, 'eval.every_steps': 2, 'eval.num_samples': 64,
       'eval.batch_size': 32, 'eval.reference_num_images': 64, 'checkpoint.every_steps': 2})
   with tfds.testing.mock_data(num_examples=256):  # the evaluator (built as main.py builds it) reads it too
-    train.train_and_evaluate(config, str(tmp_path / 'arm'), evaluator=evaluators.TrainingEvaluator(config))
+    train.train_and_evaluate(config, str(tmp_path / 'arm'), evaluator=runs.TrainingEvaluator(config))
   rows = [json.loads(line) for line in (tmp_path / 'arm' / 'metrics.jsonl').read_text().splitlines()]
   assert np.isfinite([r['eval/fd_pixels'] for r in rows if 'eval/fd_pixels' in r]).all()
   assert [r['step'] for r in rows if 'eval/fd_pixels' in r] == [2]

@@ -11,11 +11,11 @@ import pytest
 from configs import tiny
 from immiscible_jax import assignment
 from immiscible_jax import data
-from immiscible_jax import evaluators
 from immiscible_jax import models
-from immiscible_jax import replicas
 from immiscible_jax import train
 from immiscible_jax import train_state
+from immiscible_jax.evaluation import runs
+from immiscible_jax.parallel import layouts
 
 
 def _leaves(tree):
@@ -63,8 +63,8 @@ def ct_steps():
       step=np.int32(K_AT), target_params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params),
       ema_params=jax.tree_util.tree_map(lambda p: p - 1.0, state.params)))
   batches = [next(it) for it in [data.create_train_iterator(config.data, 16, 0)] for _ in range(3)]
-  layouts = {n: replicas.PmapLayout(jax.local_devices()[:n]) for n in (1, 8)}
-  steps = {n: (layouts[n], train.make_train_steps(model, optimizer, config, layouts[n])) for n in (1, 8)}
+  by_devices = {n: layouts.PmapLayout(jax.local_devices()[:n]) for n in (1, 8)}
+  steps = {n: (by_devices[n], train.make_train_steps(model, optimizer, config, by_devices[n])) for n in (1, 8)}
   return config, state, batches, steps, (model, optimizer)
 
 
@@ -91,16 +91,16 @@ def test_shard_map_mode_and_steps_per_dispatch_match_pmap_step_by_step(ct_steps)
   config, state, batches, steps, (model, optimizer) = ct_steps
   pmap8 = steps[8][0]
   reference, m_reference = _run_steps(*steps[8], state, batches)
-  shard_map = replicas.ShardMapLayout()
+  shard_map = layouts.ShardMapLayout()
   three = config.copy_and_resolve_references()
   three.training.steps_per_dispatch = 3
-  runs = {
+  compared = {
       'shard_map, 1 step per call': _run_steps(
           shard_map, train.make_train_steps(model, optimizer, config, shard_map), state, batches),
       'pmap, 3 steps per call': _run_steps(
           pmap8, train.make_train_steps(model, optimizer, three, pmap8), state, batches, 3),
   }
-  for name, (result, metrics) in runs.items():
+  for name, (result, metrics) in compared.items():
     assert int(result.step) == K_AT + 3, name
     for a, b in zip(_leaves(reference), _leaves(result)):
       np.testing.assert_allclose(b, a, **SAME_STEPS, err_msg=name)
@@ -189,7 +189,7 @@ def test_loop_saves_before_evaluating_compiles_once_and_resumes_across_modes(tmp
   with pytest.raises(RuntimeError, match='evaluator failed at step 8'):
     run('resumed', 'shard_map', crashing)
   # Step 8's save was finished before the evaluator ran, and holds the state the evaluator was given.
-  _, saved, _ = evaluators.restore_ema_params(config, str(tmp_path / 'resumed'), step=8)
+  _, saved, _ = runs.restore_ema_params(config, str(tmp_path / 'resumed'), step=8)
   assert [s for s, _ in crashing.calls] == [4, 8]
   for a, b in zip(_leaves(saved), _leaves(crashing.calls[-1][1].ema_params)):
     np.testing.assert_array_equal(a, b)

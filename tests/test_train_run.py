@@ -14,11 +14,11 @@ from configs import tiny
 from immiscible_jax import consistency
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import evaluators
 from immiscible_jax import models
 from immiscible_jax import sampling
 from immiscible_jax import saved_config
 from immiscible_jax import train
+from immiscible_jax.evaluation import runs
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +31,7 @@ def trained_run(tmp_path_factory):
       'training.num_steps': 300, 'training.log_every_steps': 50, 'optim.learning_rate': 2e-3,
       'training.ema_rate': 0.99, 'eval.every_steps': 150, 'eval.num_samples': 256, 'checkpoint.every_steps': 150,
       'assignment.method': 'jv'})
-  evaluator = evaluators.TrainingEvaluator(config)
+  evaluator = runs.TrainingEvaluator(config)
   train.train_and_evaluate(config, workdir, evaluator=evaluator)
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   return config, workdir, rows
@@ -52,7 +52,7 @@ def _denoising_error(config, params, images):
 def test_training_learns_to_denoise_and_logs_evaluations(trained_run):
   config, workdir, rows = trained_run
   images = data.load_images(config.data, 'train', 256).astype(np.float32) / 127.5 - 1.0
-  _, trained, _ = evaluators.restore_ema_params(config, workdir)
+  _, trained, _ = runs.restore_ema_params(config, workdir)
   model = models.create_model(config.model, 1)
   untrained = model.init(jax.random.key(3), images[:1], np.zeros((1,), np.float32))['params']
   before, after = _denoising_error(config, untrained, images), _denoising_error(config, trained, images)
@@ -73,15 +73,15 @@ def test_sample_mode_writes_npz_and_grid_from_the_checkpoint(trained_run, capsys
   config = config.copy_and_resolve_references()  # the module's run stays as it was for the other tests
   config.sampling.num_samples = 20
   config.sampling.shard_size = 8
-  paths, grid = evaluators.sample_from_checkpoint(config, workdir)
+  paths, grid = runs.sample_from_checkpoint(config, workdir)
   assert len(paths) == 3 and os.path.exists(grid)
   images = sampling.load_samples(os.path.dirname(paths[0]))
   assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8
   assert grid in capsys.readouterr().out
-  again, _ = evaluators.sample_from_checkpoint(config, workdir, step=300)
+  again, _ = runs.sample_from_checkpoint(config, workdir, step=300)
   np.testing.assert_array_equal(sampling.load_samples(os.path.dirname(again[0])), images)
   config.sampling.seed = 2
-  other = evaluators._generate_from_checkpoint(config, workdir, None, 20)[1]  # pylint: disable=protected-access
+  other = runs._generate_from_checkpoint(config, workdir, None, 20)[1]  # pylint: disable=protected-access
   assert np.any(other != images)
 
 
@@ -111,7 +111,7 @@ def test_sample_and_eval_take_the_run_config_from_its_checkpoint(trained_run):
 
 def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_path):
   config, workdir, _ = trained_run
-  fresh = evaluators.evaluate(config, workdir)
+  fresh = runs.evaluate(config, workdir)
   assert fresh['step'] == 300 and fresh['num_samples'] == config.eval.num_samples
   assert np.isfinite(fresh['eval/fd_pixels']) and fresh['eval/fd_pixels'] > 0
   written = json.load(open(os.path.join(workdir, 'eval_300_pixels_ds1.json')))  # one file per step and metric
@@ -119,7 +119,7 @@ def test_eval_mode_scores_fresh_samples_and_a_saved_sample_set(trained_run, tmp_
   # The reference images themselves, saved as a sample archive, are at distance ~0 from their own statistics.
   real = data.load_images(config.data, config.eval.reference_split, config.eval.reference_num_images)
   path = sampling.save_samples(real, str(tmp_path / 'real'))[0]
-  scored = evaluators.evaluate(config, workdir, samples_path=path)
+  scored = runs.evaluate(config, workdir, samples_path=path)
   assert scored['eval/fd_pixels'] < 1e-6 < fresh['eval/fd_pixels']
 
 
@@ -132,7 +132,7 @@ def test_bfloat16_compute_learns_like_float32(trained_run, tmp_path):
   config, _, rows = trained_run
   config = config.copy_and_resolve_references()
   config.model.dtype = 'bfloat16'
-  train.train_and_evaluate(config, str(tmp_path), evaluator=evaluators.TrainingEvaluator(config), stop_at_step=150)
+  train.train_and_evaluate(config, str(tmp_path), evaluator=runs.TrainingEvaluator(config), stop_at_step=150)
   fd = lambda rs: {r['step']: r['eval/fd_pixels'] for r in rs if 'eval/fd_pixels' in r}
   bf16 = fd(json.loads(line) for line in open(tmp_path / 'metrics.jsonl'))
   f32 = fd(rows)

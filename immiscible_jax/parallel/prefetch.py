@@ -12,13 +12,13 @@ restored step), so batches prefetched but not consumed when a run saves or is pr
 """
 import collections
 
-from immiscible_jax import replicas
+from immiscible_jax.parallel import layouts
 
 
 class DevicePrefetcher:
   """Iterator over device batches, `depth` batches ahead of the consumer."""
 
-  def __init__(self, iterator, put=replicas.put_sharded, depth=1):
+  def __init__(self, iterator, put=layouts.put_sharded, depth=1):
     if depth < 0:
       raise ValueError(f'depth must be >= 0, got {depth}')
     self._iterator, self._put, self._depth = iterator, put, depth

@@ -1,11 +1,11 @@
 """Linear assignment solvers on a square cost matrix, written for jit: each returns `perm` with
-`perm[i]` = the column assigned to row i, a permutation of range(B). Costs must be finite (assignment.py
+`perm[i]` = the column assigned to row i, a permutation of range(B). Costs must be finite (assignment/__init__.py
 zeroes a non-finite problem and returns NaN noise instead).
 
 Every while loop here has an iteration cap (the theory's bound where there is one), and whatever a cap
 cuts short is completed to a permutation, so the output is always one; `return_stats=True` says whether a
 cap was hit ('converged') and how many loop iterations ran ('sequential_steps': the solver's depth, what an
-accelerator pays per iteration; immiscible_jax/loop_steps.py measures the same from outside).
+accelerator pays per iteration; assignment/loop_steps.py measures the same from outside).
 
 The exact solver here, `jv`, is Jonker & Volgenant's shortest-augmenting-path method (Computing 38, 1987)
 warm-started from the column potentials of a few kernel-domain Sinkhorn iterations. Its state keeps column

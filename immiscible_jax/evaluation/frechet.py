@@ -12,10 +12,10 @@ import flax.jax_utils
 import jax
 import numpy as np
 
-from immiscible_jax import agreement
 from immiscible_jax import errors
-from immiscible_jax import inception
 from immiscible_jax import storage
+from immiscible_jax.evaluation import inception
+from immiscible_jax.parallel import agreement
 
 METRICS = ('pixels', 'inception')
 INCEPTION_NAME = 'inception_v3_tf2015'
@@ -185,7 +185,7 @@ class BatchedFeatures:
 
 
 def inception_extractor(cache_dir=None, batch_size=64, num_devices=None):
-  """The FID feature extractor; the weights come from `python -m immiscible_jax.convert_inception`."""
+  """The FID feature extractor; the weights come from `make weights` (python -m tools.convert_inception)."""
   params = inception.load_params(inception.weights_path(cache_dir or storage.default_cache_dir()))
   return BatchedFeatures(INCEPTION_NAME, inception.features, params, batch_size, num_devices)
 

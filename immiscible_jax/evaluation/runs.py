@@ -15,15 +15,15 @@ import re
 import flax.jax_utils
 import jax
 
-from immiscible_jax import agreement
 from immiscible_jax import checkpointing
 from immiscible_jax import data
 from immiscible_jax import errors
-from immiscible_jax import evaluation
 from immiscible_jax import models
 from immiscible_jax import sampling
 from immiscible_jax import storage
 from immiscible_jax import train_state
+from immiscible_jax.evaluation import frechet
+from immiscible_jax.parallel import agreement
 
 
 def metric_name(eval_config):
@@ -40,7 +40,7 @@ def _reference_stats(config, extractor):
   source = d.dataset if d.dataset != 'folder' else 'folder-' + storage.basename(d.path)
   key = f'{source}_{e.reference_split}_{d.image_size}px_n{e.reference_num_images}'
   images_fn = functools.partial(data.load_images, d, e.reference_split, e.reference_num_images)
-  compute = lambda: evaluation.reference_statistics(extractor, images_fn, key, storage.default_cache_dir())
+  compute = lambda: frechet.reference_statistics(extractor, images_fn, key, storage.default_cache_dir())
   if jax.process_count() == 1:
     return compute()
   if jax.process_index() == 0:  # one writer of the cache file; the others read it after the barrier
@@ -49,10 +49,10 @@ def _reference_stats(config, extractor):
   return stats if jax.process_index() == 0 else compute()
 
 
-def frechet_to_reference(config, extractor, reference, images_uint8):
+def frechet_to_reference(extractor, reference, images_uint8):
   """The metric of this process's share of the samples together with every other process's share."""
-  mu, sigma = evaluation.statistics_across_processes(extractor(images_uint8))
-  return float(evaluation.frechet_distance(mu, sigma, *reference))
+  mu, sigma = frechet.statistics_across_processes(extractor(images_uint8))
+  return float(frechet.frechet_distance(mu, sigma, *reference))
 
 
 class TrainingEvaluator:
@@ -66,7 +66,7 @@ class TrainingEvaluator:
     self._config = config
     model = models.create_model(config.model, config.data.channels)
     self._sampler = _sampler(config, model, (config.training.sigma_max,))
-    self._extractor = evaluation.create_extractor(config.eval)
+    self._extractor = frechet.create_extractor(config.eval)
     self._reference = _reference_stats(config, self._extractor)
     warning = _sample_size_warning(config, config.eval.num_samples, self._reference)
     if warning and jax.process_index() == 0:
@@ -78,18 +78,18 @@ class TrainingEvaluator:
     largest share, and drops the one extra image a smaller share then has."""
     cfg = self._config
     key = jax.random.fold_in(jax.random.key(cfg.sampling.seed), 10_000_019)  # same noise at every eval
-    start, count = evaluation.process_share(cfg.eval.num_samples)
+    start, count = frechet.process_share(cfg.eval.num_samples)
     largest = -(-cfg.eval.num_samples // jax.process_count())
     params = flax.jax_utils.replicate(state.ema_params)
     images = sampling.generate(self._sampler, params, key, largest, data.image_shape(cfg.data), cfg.eval.batch_size,
                                start_index=start, between_batches=between_batches)
     features = self._extractor(sampling.to_uint8(images), between_batches=between_batches)[:count]
-    mu, sigma = evaluation.statistics_across_processes(features)
-    return {metric_name(cfg.eval): float(evaluation.frechet_distance(mu, sigma, *self._reference))}
+    mu, sigma = frechet.statistics_across_processes(features)
+    return {metric_name(cfg.eval): float(frechet.frechet_distance(mu, sigma, *self._reference))}
 
 
 def _sample_size_warning(config, num_samples, reference):
-  return evaluation.sample_size_warning(num_samples, config.eval.reference_num_images, reference[0].shape[0],
+  return frechet.sample_size_warning(num_samples, config.eval.reference_num_images, reference[0].shape[0],
                                         config.eval.metric)
 
 
@@ -166,15 +166,15 @@ def evaluate(config, workdir, step=None, samples_path=None):
   if samples_path:
     images, step = _load_sample_set(config, samples_path)
     num_samples = len(images)
-    start, count = evaluation.process_share(num_samples)
+    start, count = frechet.process_share(num_samples)
     images = images[start:start + count]
   else:
     num_samples = config.eval.num_samples
-    start, count = evaluation.process_share(num_samples)
+    start, count = frechet.process_share(num_samples)
     step, images = _generate_from_checkpoint(config, workdir, step, count, start_index=start)
-  extractor = evaluation.create_extractor(config.eval)
+  extractor = frechet.create_extractor(config.eval)
   reference = _reference_stats(config, extractor)
-  value = frechet_to_reference(config, extractor, reference, images)
+  value = frechet_to_reference(extractor, reference, images)
   result = {'step': step, metric_name(config.eval): value, 'num_samples': int(num_samples),
             'extractor': extractor.name, 'samples': samples_path or 'fresh'}
   warning = _sample_size_warning(config, num_samples, reference)

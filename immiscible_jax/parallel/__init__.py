@@ -1,0 +1,1 @@
+"""Where arrays live across devices and processes: layouts, device prefetch, preemption and cross-process agreement."""
