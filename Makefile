@@ -42,9 +42,14 @@ weights: $(STAMP)
 # -rs: a skipped test prints its reason (e.g. the GCS emulator could not start). The suite is mostly XLA compiles,
 # one thread each: TEST_WORKERS pytest processes (pytest-xdist, whole files per worker so module fixtures run
 # once) share them out; TEST_WORKERS=1 where memory is short (each worker holds its files' compiled programs).
+# TEST_JAX_CACHE: JAX's persistent compilation cache, shared by both workers and every trainer subprocess the tests
+# start, so a program (keyed by its HLO, jax version and XLA flags) compiles once per machine; `make test
+# TEST_JAX_CACHE=` runs without it.
 TEST_WORKERS ?= 2
+TEST_JAX_CACHE ?= .cache/jax_compilation
 test: $(STAMP) $(TEST_STAMP) weights
-	IMMISCIBLE_JAX_CACHE=$(CACHE) $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
+	$(if $(TEST_JAX_CACHE),JAX_COMPILATION_CACHE_DIR=$(abspath $(TEST_JAX_CACHE))) IMMISCIBLE_JAX_CACHE=$(CACHE) \
+		$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m immiscible_jax.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=train
@@ -64,7 +69,7 @@ study: $(STAMP)
 	$(PY) -m launch.report $(STUDY_ROOT) --metric=eval/fd_pixels --baseline=assign=none
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs .cache
 
 # The first command on a lent GPU or TPU, run before anything else uses the device: train step (images/s, MFU,
 # memory) of both CIFAR-10 configs, assignment loop cost, one study arm with and without the deterministic flags,

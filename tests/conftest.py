@@ -1,16 +1,15 @@
 """Test set-up: 8 forced CPU devices (so pmap and collectives run).
 
-No persistent compilation cache unless JAX_COMPILATION_CACHE_DIR is set (JAX reads it; subprocesses inherit it):
-writing an executable to it segfaulted once in a full run (in XLA's executable serialisation, jax 0.10.2 on
-CPU), which loses the whole run. For repeated local runs:
-  JAX_COMPILATION_CACHE_DIR=.cache/jax_compilation make test
+`make test` sets JAX_COMPILATION_CACHE_DIR (JAX reads it; subprocesses inherit it), so a program compiled by one
+worker or trainer subprocess is read back by the others instead of compiled again (Makefile: TEST_JAX_CACHE).
+A plain `pytest` runs without it, unless the variable is set.
 """
 import os
 import warnings
 
 # Must happen before jax is imported anywhere; subprocesses of the tests inherit it. Compilation dominates the
 # suite: LLVM optimisation level 1 (default 2) compiles faster, and the few longer runs lose less than that at
-# run time (README, Set-up commands: the suite's times).
+# run time (docs/results.md, Set-up commands: the suite's times).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
