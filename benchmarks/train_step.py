@@ -3,13 +3,15 @@ r"""Train-step throughput: images/s of the training loop's compiled step (pmap, 
   python benchmarks/train_step.py --config=configs/digits.py --json benchmarks/results/train_step_cpu.json
   python benchmarks/train_step.py --config=configs/digits.py --methods=none --dtypes=float32,bfloat16 \
       --json benchmarks/results/train_step_dtype_cpu.json      # compute dtype (model.dtype) alone
+  python benchmarks/train_step.py --config=configs/cifar10_small_ct.py --methods=none,jv --losses=lpips,l2 \
+      --json benchmarks/results/train_step_small_ct_cpu.json   # the LPIPS branch's cost (training.loss)
   python benchmarks/train_step.py --config=configs/cifar10_ct.py --batch_size=128 \
       --methods=none,jv,hungarian,sinkhorn,knn --json benchmarks/results/train_step_gpu.json   # on a GPU host
 
-Every (dtype, method) runs in the same process on the same uint8 batch: all are compiled and warmed up first, then
+Every (loss, dtype, method) runs in the same process on the same uint8 batch: all are compiled and warmed up first, then
 timed in --repeats rounds of --steps steps, each case once per round (so load from other processes hits all alike).
 Reported: the median images/s, and the medians of the per-round ratios: each method's overhead relative to method
-'none' and each dtype's speed relative to the first one.
+'none' and each dtype's (loss's) speed relative to the first one.
 """
 import argparse
 import importlib.util
@@ -40,9 +42,10 @@ def load_config(path):
 class Case:
   """One compiled (config, method, dtype, scope) step with its state on the devices; `rate(steps)` times it."""
 
-  def __init__(self, config, method, batch, dtype=None, scope=None):
+  def __init__(self, config, method, batch, dtype=None, scope=None, loss=None):
     config = config.copy_and_resolve_references()
     config.assignment.method = method
+    config.training.loss = loss or config.training.loss
     config.model.dtype = dtype or config.model.dtype
     config.assignment.scope = scope or config.assignment.scope
     self.config = config
@@ -50,7 +53,8 @@ class Case:
     optimizer = train_state.create_optimizer(config.optim)
     layout = layouts.PmapLayout()
     self._state = layout.put_state(jax.jit(train_state.initializer(config, model, optimizer))(jax.random.key(0)))
-    self._step = train.make_train_steps(model, optimizer, config, layout)  # the loop's function, one step a call
+    # The loop's function, one step a call, with the frozen network of training.loss (LPIPS) as the loop has it.
+    self._step = train.make_train_steps(model, optimizer, config, layout, train.frozen_loss_params(config))
     # On the devices once, as the trainer's prefetch delivers it: [devices, k = 1, B_dev, ...].
     self._batch = layout.put_batches(jax.tree_util.tree_map(lambda x: x[None], batch))
     t0 = time.perf_counter()
@@ -68,7 +72,7 @@ class Case:
   def row(self, rates):
     m = jax.device_get(jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1)[0], self._metrics))
     before, after = float(m['assignment/distance_before']), float(m['assignment/distance_after'])
-    return dict(method=self.config.assignment.method, dtype=self.config.model.dtype,
+    return dict(method=self.config.assignment.method, dtype=self.config.model.dtype, loss=self.config.training.loss,
                 scope=self.config.assignment.scope, images_per_sec=float(np.median(rates)),
                 compile_s=self.compile_s, reduction_pct=100 * (before - after) / before if before > 0 else 0.0)
 
@@ -99,6 +103,8 @@ def main():
   parser.add_argument('--scope', default='', help='override assignment.scope')
   parser.add_argument('--dtypes', default='', help="model.dtype values to time, e.g. float32,bfloat16 (default: the "
                       "config's)")
+  parser.add_argument('--losses', default='', help="training.loss values to time, e.g. lpips,l2 (default: the "
+                      "config's)")
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--json', default='')
@@ -111,34 +117,42 @@ def main():
     config.assignment.scope = args.scope
   batch = synthetic_batch(config)
   dtypes = args.dtypes.split(',') if args.dtypes else [config.model.dtype]
-  cases = [Case(config, method, batch, dtype=dtype) for dtype in dtypes for method in args.methods.split(',')]
+  losses = args.losses.split(',') if args.losses else [config.training.loss]
+  cases = [Case(config, method, batch, dtype=dtype, loss=loss)
+           for loss in losses for dtype in dtypes for method in args.methods.split(',')]
   # Timed in rounds, every case once per round, so that load from other processes hits all cases alike; ratios
   # are medians of the per-round ratios.
   rounds = [[case.rate(args.steps) for case in cases] for _ in range(args.repeats)]
   rows = [case.row([r[i] for r in rounds]) for i, case in enumerate(cases)]
   for i, row in enumerate(rows):
-    print(f"{row['dtype']:>9} {row['method']:>10}: {row['images_per_sec']:9.1f} images/s "
+    print(f"{row['loss']:>6} {row['dtype']:>9} {row['method']:>10}: {row['images_per_sec']:9.1f} images/s "
           f"(compile {row['compile_s']:.1f} s)", flush=True)
-    base = next((j for j, r in enumerate(rows) if r['method'] == 'none' and r['dtype'] == row['dtype']), None)
+    base = next((j for j, r in enumerate(rows)
+                 if r['method'] == 'none' and r['dtype'] == row['dtype'] and r['loss'] == row['loss']), None)
     row['overhead_pct'] = (100 * (float(np.median([r[base] / r[i] for r in rounds])) - 1)
                            if base is not None else None)
-    first = next(j for j, r in enumerate(rows) if r['method'] == row['method'])
+    first = next(j for j, r in enumerate(rows) if r['method'] == row['method'] and r['loss'] == row['loss'])
     row['speed_vs_first_dtype'] = float(np.median([r[i] / r[first] for r in rounds]))
+    first = next(j for j, r in enumerate(rows) if r['method'] == row['method'] and r['dtype'] == row['dtype'])
+    row['speed_vs_first_loss'] = float(np.median([r[i] / r[first] for r in rounds]))
     row['rates_per_round'] = [r[i] for r in rounds]
   device = device_name()
   print(f'\nconfig={args.config} batch={config.training.batch_size} scope={config.assignment.scope} '
         f'assignment dtype={config.assignment.dtype} cost={config.assignment.cost} device={device}')
-  print(f'| model.dtype | method | images/s | step overhead vs none | speed vs {dtypes[0]} | distance reduction % |')
-  print('|---|---|---:|---:|---:|---:|')
+  print(f'| training.loss | model.dtype | method | images/s | step overhead vs none | speed vs {dtypes[0]} | '
+        f'speed vs {losses[0]} | distance reduction % |')
+  print('|---|---|---|---:|---:|---:|---:|---:|')
   for r in rows:
     overhead = f"{r['overhead_pct']:+.1f}%" if r['overhead_pct'] is not None else 'n/a'
-    print(f"| {r['dtype']} | {r['method']} | {r['images_per_sec']:.1f} | {overhead} | "
-          f"{r['speed_vs_first_dtype']:.2f}x | {r['reduction_pct']:.2f} |")
+    print(f"| {r['loss']} | {r['dtype']} | {r['method']} | {r['images_per_sec']:.1f} | {overhead} | "
+          f"{r['speed_vs_first_dtype']:.2f}x | {r['speed_vs_first_loss']:.2f}x | {r['reduction_pct']:.2f} |")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
-      json.dump(dict(config=args.config, batch_size=config.training.batch_size, device=device,
-                     host=platform.processor() or platform.machine(), rows=rows), f, indent=2)
+      json.dump(dict(command=' '.join(['python', 'benchmarks/train_step.py'] + sys.argv[1:]), config=args.config,
+                     batch_size=config.training.batch_size, device=device,
+                     host=platform.processor() or platform.machine(), load_average=os.getloadavg(), rows=rows),
+                f, indent=2)
 
 
 if __name__ == '__main__':
