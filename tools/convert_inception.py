@@ -34,11 +34,8 @@ TORCHSCRIPT_FILENAME = 'default_1.pt'
 
 
 def sha1_of(path):
-  digest = hashlib.sha1()
   with storage.open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, 'sha1').hexdigest()
 
 
 def npz_is_valid(path):

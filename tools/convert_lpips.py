@@ -61,11 +61,8 @@ def load_array_pickle(data):
 
 
 def sha256_of(path):
-  digest = hashlib.sha256()
   with storage.open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def _download_sdist(dest):
