@@ -28,14 +28,7 @@ import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-impo
 
 from immiscible_jax import checkpointing, models, train_state  # pylint: disable=g-import-not-at-top
 from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
-
-
-def _load_config(path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from launch import sweep  # pylint: disable=g-import-not-at-top
 
 
 def _timed(fn):
@@ -52,7 +45,7 @@ def main():
   parser.add_argument('--json', default='')
   args = parser.parse_args()
 
-  config = _load_config(args.config)
+  config = sweep.load_config(args.config)
   model = models.create_model(config.model, config.data.channels)
   init = train_state.initializer(config, model, train_state.create_optimizer(config.optim))
   state, init_s = _timed(lambda: jax.block_until_ready(jax.jit(init)(jax.random.key(0))))

@@ -105,11 +105,9 @@ def part_probe(smoke, workdir):
 
 
 def _load_config(path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('device_check_config', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """The config at `path`, relative to the repository root (the check runs from any directory)."""
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  return sweep.load_config(os.path.join(ROOT, path))
 
 
 def _loss_params(config):

@@ -21,14 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from immiscible_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _load_config(path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from launch import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():
@@ -40,7 +33,7 @@ def main():
   parser.add_argument('--fixed_order', action='store_true', help='bounded first in every round (no ABBA)')
   parser.add_argument('--json', default='')
   args = parser.parse_args()
-  config = _load_config(args.config)
+  config = sweep.load_config(args.config)
   config.training.num_steps = args.steps
   config.training.log_every_steps = args.log_every
   config.checkpoint.every_steps = args.steps

@@ -14,7 +14,6 @@ Reported: the median images/s, and the medians of the per-round ratios: each met
 'none' and each dtype's (loss's) speed relative to the first one.
 """
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -30,13 +29,7 @@ import numpy as np
 
 from immiscible_jax import data, models, train, train_state  # pylint: disable=g-import-not-at-top
 from immiscible_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from launch import sweep  # pylint: disable=g-import-not-at-top
 
 
 class Case:
@@ -110,7 +103,7 @@ def main():
   parser.add_argument('--json', default='')
   args = parser.parse_args()
 
-  config = load_config(args.config)
+  config = sweep.load_config(args.config)
   if args.batch_size:
     config.training.batch_size = args.batch_size
   if args.scope:

@@ -1,7 +1,8 @@
 """Tiny config for tests and smoke runs: the digits demo (configs/digits.py, iCT) shrunk to a few-thousand-parameter
-NCSN++ of one level without attention, 16 images a step and 20 steps. Compiling is most of what a test pays: one
-level and no attention halve the train step's compile time against the demo's two levels with attention (10 s vs
-21 s here, 8 CPU devices, under load). tests/test_models.py covers the larger architectures.
+NCSN++ of one level without attention, 16 images a step and 20 steps. Compiling is most of what a test pays: on
+8 CPU devices its train step compiled in 13 s against the digits demo's 22 s (compile_s in
+benchmarks/results/dispatch_cpu.json, `python benchmarks/dispatch.py --layouts=1x8`). tests/test_models.py covers
+the larger architectures.
 
 Tests choose the assignment method and turn evaluation on themselves, so both are off here.
 """

@@ -34,15 +34,7 @@ def default_config():
   return default.get_config()
 
 
-def flatten(d, prefix=''):
-  """{'a': {'b': 1}} -> {'a.b': 1} for ConfigDicts and plain dicts."""
-  out = {}
-  for key, value in d.items():
-    if hasattr(value, 'items'):
-      out.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
+flatten = resume_rules.flatten  # {'a': {'b': 1}} -> {'a.b': 1}; one definition, where the resume check needs it
 
 
 def _fail(key, problem, allowed=None):

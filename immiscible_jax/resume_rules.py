@@ -112,11 +112,12 @@ def category(key):
   return RULES.get(key, (EXPERIMENT, ''))[0]
 
 
-def _flatten(d, prefix=''):
+def flatten(d, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1} for ConfigDicts and plain dicts."""
   out = {}
   for key, value in d.items():
     if hasattr(value, 'items'):
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flatten(value, f'{prefix}{key}.'))
     else:
       out[f'{prefix}{key}'] = value
   return out
@@ -126,7 +127,7 @@ def check(saved, given, defaults, allow_schedule_change=False):
   """Raises errors.ConfigError (one line) when `given` (the config now) differs from `saved` (the run's own, as
   JSON gave it back) in a shape or experiment key, or, unless allow_schedule_change, in a schedule key. All
   three are flat or nested dicts; `defaults` stands in for keys the saved run did not know."""
-  old, new, default = _flatten(saved), _flatten(given), _flatten(defaults)
+  old, new, default = flatten(saved), flatten(given), flatten(defaults)
   norm = lambda v: list(v) if isinstance(v, tuple) else v
   changed = sorted(k for k in new if norm(old.get(k, default.get(k))) != norm(new[k]))
   describe = lambda keys: ', '.join(f'{k} (saved {old.get(k, default.get(k))!r}, now {new[k]!r})' for k in keys)
